@@ -1,0 +1,26 @@
+# Two commands do all the set-up on a fresh machine (Python 3.11 and pip): `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test bench clean
+
+# The CPU build of torch, pinned: a plain `pip install torch` may pull a multi-GB CUDA build.
+$(BIN)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/python -m pipeline run examples/demo.yaml
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/first_batch.py --sizes 10MB 100MB
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,18 @@
+"""A streaming data pipeline: text -> BPE -> sliding windows -> batches -> input embeddings.
+
+``pipeline`` is the engine (stages, graphs, state); the stages themselves live in ``stages``.
+"""
+
+from pipeline.graph import Pipeline, load_config
+from pipeline.registry import STAGES, ConfigError, register
+from pipeline.stage import Stage, StageError
+
+__all__ = ["STAGES", "ConfigError", "Pipeline", "Stage", "StageError", "create_dataloader_v1", "load_config", "register"]
+
+
+def __getattr__(name: str):
+    if name == "create_dataloader_v1":  # the book's drop-in, built from the concrete stages
+        from stages.book import create_dataloader_v1
+
+        return create_dataloader_v1
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -1,0 +1,47 @@
+"""The base every stage builds on: a torchdata ``BaseNode`` with a name, counters and errors that say where."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, TypeVar
+
+from torchdata.nodes import BaseNode
+
+T = TypeVar("T")
+
+
+class StageError(RuntimeError):
+    """A record could not be processed; the message names the stage, the source and the record."""
+
+    def __init__(self, stage: str, message: str, source: str | None = None, record: Any = None):
+        where = "".join(
+            [f"stage '{stage}'", f", file {source}" if source else "", f", record {record}" if record is not None else ""]
+        )
+        super().__init__(f"{where}: {message}")
+        self.stage, self.source, self.record = stage, source, record
+
+
+class Stage(BaseNode[T]):
+    """A resumable pipeline stage.
+
+    Subclasses implement ``next``, ``get_state`` and ``reset`` as any ``torchdata.nodes.BaseNode``;
+    this base adds ``name`` (the stage's name in its graph, set by the builder), ``stats`` (counters
+    the CLI reports) and ``error`` (a ``StageError`` naming this stage).
+    """
+
+    type_name = "stage"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name = self.type_name
+        self.stats: Counter[str] = Counter()
+
+    def reset(self, initial_state: dict[str, Any] | None = None) -> None:
+        super().reset(initial_state)
+        self.stats.clear()  # counters describe the pass since the last reset
+
+    def error(self, message: str, source: str | None = None, record: Any = None) -> StageError:
+        return StageError(self.name, message, source, record)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} '{self.name}'>"

