@@ -21,19 +21,22 @@ class Cursor:
     def __init__(self, source: BaseNode, unpack: Callable[[Any], np.ndarray] = np.asarray):
         self.source = source
         self.unpack = unpack
-        self.reset()
+        self._clear()
 
     def reset(self, state: dict[str, Any] | None = None) -> None:
         """Go back to the start of the source, or to a position from ``state()``."""
-        self._arrays: deque[tuple[dict, np.ndarray]] = deque()  # (source state before it, array)
-        self._offset = 0  # into _arrays[0]; may run past it (stride > window skips unread elements)
-        self._available = 0  # elements held from _offset on
-        self.ended = False
+        self._clear()
         if state is None:
             self.source.reset()
         else:
             self.source.reset(state["source"])
             self._offset = state["offset"]
+
+    def _clear(self) -> None:
+        self._arrays: deque[tuple[dict, np.ndarray]] = deque()  # (source state before it, array)
+        self._offset = 0  # into _arrays[0]; may run past it (stride > window skips unread elements)
+        self._available = 0  # elements held from _offset on
+        self.ended = False
 
     def state(self) -> dict[str, Any]:
         head = self._arrays[0][0] if self._arrays else self.source.state_dict()

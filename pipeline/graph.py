@@ -10,6 +10,9 @@ from typing import Any
 from torchdata.nodes import BaseNode, Loader
 
 from pipeline.registry import ConfigError, check_fields, did_you_mean, parameters, stage_class
+from pipeline.shard import ShardedSource, resolve_rank
+from pipeline.stage import upstream_nodes
+from pipeline.workers import Workers
 
 
 def load_config(config: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
@@ -111,12 +114,18 @@ def _check_across(specs: Mapping[str, Any], built: Mapping[str, BaseNode]) -> No
                 )
 
 
-def upstream_nodes(node: BaseNode) -> list[BaseNode]:
-    """``node`` and every stage it reads from, nearest first."""
-    chain = [node]
-    while getattr(chain[-1], "source", None) is not None:
-        chain.append(chain[-1].source)
-    return chain
+def _with_workers(root: BaseNode, num_workers: int) -> BaseNode:
+    """Put a ``Workers`` node above the topmost stage worth running in workers; return the new root."""
+    if getattr(root, "in_workers", False):
+        return Workers(root, num_workers)
+    for node in upstream_nodes(root):
+        if any(isinstance(n, Workers) for n in upstream_nodes(node)[1:]):
+            raise ValueError("the pipeline already has a Workers stage; pass num_workers to one or the other")
+        source = getattr(node, "source", None)
+        if getattr(source, "in_workers", False):
+            node.source = Workers(source, num_workers)
+            return root
+    raise ValueError("num_workers: no stage of this pipeline runs in workers (read, encode or window)")
 
 
 class Pipeline:
@@ -126,11 +135,22 @@ class Pipeline:
         stages: the output stage (its upstream stages are found through ``source``), or a mapping of
             stage names to stages.
         output: with a mapping, the name of the stage to iterate (default: the last one).
+        rank, world_size: this process's place among the ranks, given to every reader (default: each
+            reader's own, from torch.distributed or the RANK / WORLD_SIZE environment).
+        num_workers: worker processes for the reading, encoding and windowing stages (0: in this process).
 
     ``Pipeline.from_config`` builds the same objects from a YAML/TOML file or a dict.
     """
 
-    def __init__(self, stages: BaseNode | Mapping[str, BaseNode], output: str | None = None):
+    def __init__(
+        self,
+        stages: BaseNode | Mapping[str, BaseNode],
+        output: str | None = None,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        num_workers: int = 0,
+    ):
         if isinstance(stages, BaseNode):
             if output is not None:
                 raise ValueError("output= selects a stage by name; pass a mapping of stages to use it")
@@ -142,11 +162,22 @@ class Pipeline:
         if self.output not in self.stages:
             raise ConfigError(f"output `{self.output}` is not a stage{did_you_mean(self.output, self.stages)}", field="output")
         self.root = self.stages[self.output]
+        if rank is not None or world_size is not None:
+            for node in upstream_nodes(self.root):
+                if isinstance(node, ShardedSource):
+                    node.rank, node.world_size = resolve_rank(
+                        node.rank if rank is None else rank, node.world_size if world_size is None else world_size
+                    )
+        if num_workers:
+            self.root = _with_workers(self.root, num_workers)
         self.loader = Loader(self.root)
 
     @classmethod
-    def from_config(cls, config: str | os.PathLike | Mapping[str, Any], output: str | None = None) -> Pipeline:
-        """Build a pipeline from a config file (YAML, TOML, JSON) or dict: ``{stages: {name: {type, input, ...}}}``."""
+    def from_config(cls, config: str | os.PathLike | Mapping[str, Any], output: str | None = None, **loader: Any) -> Pipeline:
+        """Build a pipeline from a config file (YAML, TOML, JSON) or dict: ``{stages: {name: {type, input, ...}}}``.
+
+        ``loader`` takes the constructor's keywords: ``rank``, ``world_size``, ``num_workers``.
+        """
         import stages as _  # noqa: F401  (registers the stage types)
 
         spec = load_config(config)
@@ -154,7 +185,7 @@ class Pipeline:
         output = output if output is not None else spec.get("output")
         if output is not None and output not in built:
             raise ConfigError(f"output `{output}` is not a stage{did_you_mean(str(output), built)}", field="output")
-        return cls(built, output=output)
+        return cls(built, output=output, **loader)
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.loader)

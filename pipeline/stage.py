@@ -11,13 +11,13 @@ T = TypeVar("T")
 
 
 class StageError(RuntimeError):
-    """A record could not be processed; the message names the stage, the source and the record."""
+    """A record could not be processed; the message names the stage, the source and the record.
 
-    def __init__(self, stage: str, message: str, source: str | None = None, record: Any = None):
-        where = "".join(
-            [f"stage '{stage}'", f", file {source}" if source else "", f", record {record}" if record is not None else ""]
-        )
-        super().__init__(f"{where}: {message}")
+    It takes one message argument, so it crosses DataLoader worker processes intact.
+    """
+
+    def __init__(self, message: str, stage: str | None = None, source: str | None = None, record: Any = None):
+        super().__init__(message)
         self.stage, self.source, self.record = stage, source, record
 
 
@@ -30,6 +30,7 @@ class Stage(BaseNode[T]):
     """
 
     type_name = "stage"
+    in_workers = False  # True for stages worth running in DataLoader workers (read, encode, window)
 
     def __init__(self) -> None:
         super().__init__()
@@ -41,7 +42,17 @@ class Stage(BaseNode[T]):
         self.stats.clear()  # counters describe the pass since the last reset
 
     def error(self, message: str, source: str | None = None, record: Any = None) -> StageError:
-        return StageError(self.name, message, source, record)
+        """A ``StageError`` whose message starts with this stage, the file and the record."""
+        where = f"stage '{self.name}'" + (f", file {source}" if source else "") + (f", {record}" if record is not None else "")
+        return StageError(f"{where}: {message}", self.name, source, record)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} '{self.name}'>"
+
+
+def upstream_nodes(node: BaseNode) -> list[BaseNode]:
+    """``node`` and every stage it reads from, nearest first."""
+    chain = [node]
+    while getattr(chain[-1], "source", None) is not None:
+        chain.append(chain[-1].source)
+    return chain

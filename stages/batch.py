@@ -49,11 +49,11 @@ class Batch(Stage[dict]):
         self.shuffle = shuffle
         self.seed = seed
         self.group_size = -(-shuffle_windows // batch_size) * batch_size if shuffle else batch_size
-        self._cursor = Cursor(source)
         self._epoch = -1
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
+        self._cursor = Cursor(self.source)  # made here: Pipeline may rewire `source` before the first reset
         if initial_state is None:
             self._epoch += 1
             self._cursor.reset()

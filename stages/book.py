@@ -42,7 +42,7 @@ def create_dataloader_v1(
     """
     if not isinstance(txt, str):
         raise TypeError(f"txt must be a str, got {type(txt).__name__}")
-    document = IterableWrapper([{"text": txt, "source": "<txt>", "record": 0, "last": True}])
+    document = IterableWrapper([{"text": txt, "source": "<txt>"}])
     # The book encodes with allowed_special={"<|endoftext|>"}; so does the drop-in.
     encoded = BpeEncode(document, encoding="gpt2", allowed_special=["<|endoftext|>"])
     windows = SlidingWindow(encoded, max_length=max_length, stride=stride)

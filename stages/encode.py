@@ -17,8 +17,9 @@ from stages.encoding import EOT_TEXT, load_encoding
 class BpeEncode(Stage[dict]):
     """Encodes documents to token ids (numpy ``int32``) with a tiktoken encoding.
 
-    Items out are dicts: ``ids``, ``source``, ``record``. The token stream is the documents joined by
-    ``<|endoftext|>`` (when ``eot``): its id starts every document after the first. Short documents are
+    Items out are dicts: ``ids`` and the document's other fields but ``text``. The token stream is
+    the documents joined by ``<|endoftext|>`` (when ``eot``): its id starts every item after the first
+    that does not continue the previous one (a piece of the same file starting at its ``end``). Short documents are
     joined into calls of about ``batch_bytes`` (tiktoken's per-call cost dominates on short texts)
     and the calls run on ``num_threads`` threads (tiktoken releases the GIL).
 
@@ -31,6 +32,8 @@ class BpeEncode(Stage[dict]):
         num_threads: encode threads.
         batch_bytes: text encoded per call.
     """
+
+    in_workers = True  # worth running in DataLoader worker processes
 
     def __init__(
         self,
@@ -64,25 +67,26 @@ class BpeEncode(Stage[dict]):
         self._pending: deque[tuple[dict, dict, np.ndarray]] = deque()  # (source state before, doc, ids)
         if initial_state is None:
             self.source.reset()
-            self._between = False  # a document has ended: the next one starts with <|endoftext|>
+            self._previous = None  # [source, end] of the last item, to tell a continuation
         else:
             self.source.reset(initial_state["source"])
-            self._between = initial_state["between"]
+            self._previous = initial_state["previous"]
 
     def get_state(self) -> dict[str, Any]:
         head = self._pending[0][0] if self._pending else self.source.state_dict()
-        return {"source": head, "between": self._between}
+        return {"source": head, "previous": self._previous}
 
     def next(self) -> dict:
         if not self._pending:
             self._encode_next_batch()
         _, doc, ids = self._pending.popleft()
-        if self._between and self.eot:
+        continues = self._previous is not None and [doc.get("source"), doc.get("offset")] == self._previous
+        if self.eot and self._previous is not None and not continues:
             ids = np.concatenate([np.array([self.eot_id], dtype=np.int32), ids])
-        self._between = doc.get("last", True)
-        self.stats["documents"] += self._between
+        self._previous = [doc.get("source"), doc.get("end", -1)]
+        self.stats["documents"] += not continues
         self.stats["tokens"] += len(ids)
-        return {"ids": ids, "source": doc.get("source"), "record": doc.get("record")}
+        return {"ids": ids, **{k: v for k, v in doc.items() if k != "text"}}
 
     def _encode_next_batch(self) -> None:
         docs, states, size = [], [], 0

@@ -5,13 +5,16 @@ from __future__ import annotations
 import codecs
 import glob
 import os
+import re
 import threading
 from typing import Any
 
 from pipeline.registry import register
+from pipeline.shard import ShardedSource
 from pipeline.stage import Stage
 
 DECODE_POLICIES = ("strict", "replace", "skip")
+_SPACE = re.compile(rb"[ \n]")
 
 # Decode-error handlers that count what they replace or drop (per thread: encode threads decode too).
 _bad = threading.local()
@@ -44,6 +47,27 @@ def decode(raw: bytes, policy: str) -> tuple[str, int, int | None]:
     return text, _bad.count, first_error
 
 
+def _safe_at(buf: bytes, p: int) -> bool:
+    """Whether ``buf[p]`` is a space or newline right after a non-whitespace character."""
+    if p < 1 or buf[p] not in b" \n":
+        return False
+    q = p - 1
+    while q > 0 and p - q < 4 and 0x80 <= buf[q] < 0xC0:  # back to the previous character's first byte
+        q -= 1
+    try:
+        return not buf[q:p].decode("utf-8").isspace()
+    except UnicodeDecodeError:
+        return False  # undecodable: not a safe neighbour
+
+
+def next_cut(buf: bytes, start: int) -> int:
+    """The first safe cut at or after ``start`` (see ``safe_cut``), or -1."""
+    for match in _SPACE.finditer(buf, max(start, 1)):
+        if _safe_at(buf, match.start()):
+            return match.start()
+    return -1
+
+
 def safe_cut(buf: bytes, start: int = 1) -> int:
     """The last offset ``p >= start`` where ``buf`` may be cut without changing its BPE tokens, or -1.
 
@@ -55,27 +79,22 @@ def safe_cut(buf: bytes, start: int = 1) -> int:
     end = len(buf)
     while True:
         p = max(buf.rfind(b" ", start, end), buf.rfind(b"\n", start, end))
-        if p < start:
-            return -1
-        q = p - 1
-        while q > 0 and p - q < 4 and 0x80 <= buf[q] < 0xC0:  # back to the previous character's first byte
-            q -= 1
-        try:
-            previous = buf[q:p].decode("utf-8")
-        except UnicodeDecodeError:
-            previous = " "  # undecodable: not a safe neighbour
-        if not previous.isspace():
-            return p
+        if p < max(start, 1) or _safe_at(buf, p):
+            return p if p >= max(start, 1) else -1
         end = p
 
 
-def expand_paths(paths: str | list[str]) -> list[str]:
-    """Files named by ``paths`` (files, globs, directories), in order; raises if one matches nothing."""
+def expand_paths(paths: str | list[str], suffixes: tuple[str, ...] = ()) -> list[str]:
+    """Files named by ``paths`` (files, globs, directories), in order; raises if one matches nothing.
+
+    In a directory, only files ending with one of ``suffixes`` are taken (all files when empty).
+    """
     files: list[str] = []
     for pattern in [paths] if isinstance(paths, (str, os.PathLike)) else list(paths):
         pattern = os.fspath(pattern)
         if os.path.isdir(pattern):
-            matches = sorted(p for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True) if os.path.isfile(p))
+            found = glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
+            matches = sorted(p for p in found if os.path.isfile(p) and (not suffixes or p.endswith(suffixes)))
         elif glob.has_magic(pattern):
             matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         else:
@@ -87,80 +106,104 @@ def expand_paths(paths: str | list[str]) -> list[str]:
 
 
 @register("read_text")
-class ReadText(Stage[dict]):
-    """Reads text files, each one document, streamed in chunks of about ``chunk_bytes``.
+class ReadText(ShardedSource, Stage[dict]):
+    """Reads text files, each file one document, streamed in pieces of about ``chunk_bytes``.
 
-    A chunk ends only where BPE tokens cannot cross (see ``safe_cut``), so the tokens of the pieces
-    equal those of the whole file. Each item is a dict: ``text``, ``source`` (the file), ``record``
-    (the document's index in its file, 0 for text files), ``offset`` (the piece's first byte) and
-    ``last`` (whether the piece ends its document).
+    A piece ends only where BPE tokens cannot cross (see ``safe_cut``), so the tokens of the pieces
+    equal those of the whole file. Shard units are byte ranges of ``shard_bytes`` (snapped forward to
+    such cut points, so each byte is read once), spread over ranks and workers (``pipeline.shard``).
+    Each item is a dict: ``text``, ``source`` (the file), ``offset`` and ``end`` (its bytes in the file).
 
     Args:
         paths: files, globs or directories, read in the order given (globs sorted).
-        chunk_bytes: bytes read at a time; a chunk grows past it only where no cut point exists.
+        chunk_bytes: bytes read at a time; a piece grows past it only where no cut point exists.
         errors: invalid UTF-8: ``strict`` raises naming the file and byte, ``replace`` puts U+FFFD,
             ``skip`` drops the bytes; both of the latter are counted in ``stats``.
+        shard_bytes: size of the byte ranges that workers share out.
+        rank, world_size: this process's place among the ranks (default: torch.distributed, else
+            the ``RANK`` / ``WORLD_SIZE`` environment, else 0 of 1).
+        shuffle, seed: shuffle the order of the shard units each epoch, seeded by (seed, epoch).
     """
 
-    def __init__(self, paths: str | list[str], chunk_bytes: int = 1 << 20, errors: str = "strict"):
+    in_workers = True  # worth running in DataLoader worker processes
+
+    def __init__(
+        self,
+        paths: str | list[str],
+        chunk_bytes: int = 1 << 20,
+        errors: str = "strict",
+        shard_bytes: int = 64 << 20,
+        rank: int | None = None,
+        world_size: int | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+    ):
         super().__init__()
         if errors not in DECODE_POLICIES:
             raise ValueError(f"errors must be one of {DECODE_POLICIES}, got {errors!r}")
-        if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
-            raise ValueError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
+        for field, value in (("chunk_bytes", chunk_bytes), ("shard_bytes", shard_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field} must be a positive integer, got {value!r}")
         self.files = expand_paths(paths)
-        self.chunk_bytes = chunk_bytes
-        self.errors = errors
+        self.chunk_bytes, self.errors, self.shard_bytes = chunk_bytes, errors, shard_bytes
+        self.init_shards(rank, world_size, shuffle, seed)
+        self.units = []  # [file index, nominal start, nominal end]
+        for i, path in enumerate(self.files):
+            size = os.path.getsize(path)
+            self.units += [[i, start, min(start + shard_bytes, size)] for start in range(0, max(size, 1), shard_bytes)]
         self._handle = None
 
-    def reset(self, initial_state: dict[str, Any] | None = None) -> None:
-        super().reset(initial_state)
-        self._close()
-        state = initial_state or {"file": 0, "offset": 0}
-        self._file, self._offset = state["file"], state["offset"]
+    def read(self, unit: list[int], position: int | None) -> tuple[dict, int] | None:
+        index, start, end = unit
+        path = self.files[index]
+        if self._handle is None:  # a new unit (or a restored one): find where it really ends
+            self._open(path)
+            self._end = self._snap(end)
+        if self._size == 0:
+            self.stats["empty documents skipped"] += 1
+            return None
+        position = self._snap(start) if position is None else position
+        if position >= self._end:
+            return None
+        raw = self._read_piece(path, position, self._end)
+        try:
+            text, bad, _ = decode(raw, self.errors)
+        except UnicodeDecodeError as e:
+            raise self.error(f"invalid UTF-8 ({e.reason}); set errors: replace or skip to go on", path, f"byte {position + e.start}") from None
+        if bad:
+            self.stats[f"invalid UTF-8 sequences ({self.errors})"] += bad
+        self.stats["bytes"] += len(raw)
+        return {"text": text, "source": path, "offset": position, "end": position + len(raw)}, position + len(raw)
 
-    def get_state(self) -> dict[str, Any]:
-        return {"file": self._file, "offset": self._offset}
+    def close_unit(self) -> None:
+        if getattr(self, "_handle", None) is not None:
+            self._handle.close()
+            self._handle = None
 
-    def next(self) -> dict:
-        while self._file < len(self.files):
-            path = self.files[self._file]
-            if self._handle is None:
-                self._open(path)
-            size = self._size
-            if self._offset >= size:
-                if size == 0:
-                    self.stats["empty documents skipped"] += 1
-                self._close()
-                self._file, self._offset = self._file + 1, 0
-                continue
-            raw = self._read_piece(path, size)
-            offset, self._offset = self._offset, self._offset + len(raw)
-            try:
-                text, bad, first = decode(raw, self.errors)
-            except UnicodeDecodeError as e:
-                raise self.error(f"invalid UTF-8 at byte {offset + e.start} ({e.reason}); "
-                                 "set errors: replace or skip to go on", path, 0) from None
-            if bad:
-                self.stats[f"invalid UTF-8 sequences ({self.errors})"] += bad
-            self.stats["bytes"] += len(raw)
-            last = self._offset >= size
-            self.stats["documents"] += last
-            return {"text": text, "source": path, "record": 0, "offset": offset, "last": last}
-        raise StopIteration
+    def _snap(self, offset: int) -> int:
+        """The first safe cut at or after ``offset`` (0 and the file's end stay), so neighbouring units meet."""
+        while 0 < offset < self._size:
+            base = max(0, offset - 4)  # the character before a cut may start up to 3 bytes earlier
+            self._handle.seek(base)
+            buf = self._handle.read(offset - base + self.chunk_bytes)
+            found = next_cut(buf, offset - base)
+            if found >= 0:
+                return base + found
+            offset = base + len(buf) if buf else self._size
+        return min(max(offset, 0), self._size)
 
-    def _read_piece(self, path: str, size: int) -> bytes:
-        """Bytes from the current offset up to a safe cut (or the end of the file)."""
+    def _read_piece(self, path: str, position: int, end: int) -> bytes:
+        """Bytes from ``position`` up to a safe cut (or ``end``)."""
         handle = self._handle
-        handle.seek(self._offset)
-        buf = handle.read(self.chunk_bytes)
-        while self._offset + len(buf) < size:
+        handle.seek(position)
+        buf = handle.read(min(self.chunk_bytes, end - position))
+        while position + len(buf) < end:
             cut = safe_cut(buf, start=max(1, len(buf) - self.chunk_bytes))
             if cut > 0:
                 return buf[:cut]
-            more = handle.read(self.chunk_bytes)  # no cut point yet (a very long word): read on
+            more = handle.read(min(self.chunk_bytes, end - position - len(buf)))  # a very long word: read on
             if not more:
-                raise self.error(f"file shrank while being read (expected {size} bytes)", path, 0)
+                raise self.error(f"file shrank while being read (expected {self._size} bytes)", path, f"byte {position + len(buf)}")
             buf += more
         return buf
 
@@ -170,8 +213,3 @@ class ReadText(Stage[dict]):
             self._size = os.fstat(self._handle.fileno()).st_size
         except OSError as e:
             raise self.error(f"cannot open: {e.strerror}", path) from None
-
-    def _close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None

@@ -32,6 +32,8 @@ class SlidingWindow(Stage[np.ndarray]):
         block_windows: most windows in one block.
     """
 
+    in_workers = True  # worth running in DataLoader worker processes
+
     def __init__(self, source, max_length: int, stride: int, block_windows: int = 1024):
         super().__init__()
         for field, value in (("max_length", max_length), ("stride", stride), ("block_windows", block_windows)):
@@ -41,10 +43,10 @@ class SlidingWindow(Stage[np.ndarray]):
         self.max_length = max_length
         self.stride = stride
         self.block_windows = block_windows
-        self._cursor = Cursor(source, _ids)
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
+        self._cursor = Cursor(self.source, _ids)  # made here: Pipeline may rewire `source` before the first reset
         self._cursor.reset(initial_state)
 
     def get_state(self) -> dict[str, Any]:

@@ -1,0 +1,99 @@
+"""``Workers``: run a stage and everything upstream of it in DataLoader worker processes."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch.utils.data import IterableDataset
+from torchdata.nodes import BaseNode
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from pipeline.shard import ShardedSource
+from pipeline.stage import Stage, upstream_nodes
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+class _NodeDataset(IterableDataset):
+    """A stage graph as a stateful IterableDataset: each worker process iterates its own copy."""
+
+    def __init__(self, root: BaseNode):
+        self.root = root
+        self.epoch = 0  # set in the main process before each epoch's workers start
+        self._pending: dict | None = None  # a state to resume from at the next __iter__
+        self._started = False
+
+    def __iter__(self):
+        if self._pending is None:
+            for node in upstream_nodes(self.root):
+                if isinstance(node, ShardedSource):
+                    node.set_epoch(self.epoch)
+        self.root.reset(self._pending)
+        self._pending, self._started = None, True
+        while True:
+            try:
+                yield next(self.root)
+            except StopIteration:
+                return
+
+    def state_dict(self) -> dict | None:
+        return self.root.state_dict() if self._started else self._pending
+
+    def load_state_dict(self, state: dict | None) -> None:
+        self._pending, self._started = state, False
+
+
+class Workers(Stage):
+    """Iterates ``source`` in ``num_workers`` processes through torchdata's ``StatefulDataLoader``.
+
+    Each worker runs its own copy of the upstream stages; readers give each worker its own shard
+    units (``pipeline.shard``). Items come back in a fixed round-robin order over the workers, so a
+    run is deterministic and its state (the loader's ``state_dict``) resumes exactly. Workers start
+    afresh each epoch (persistent workers took 5 s each to shut down), told the epoch to read. Pass large
+    items (blocks of windows, not single windows): moving an item between processes costs ~0.2 ms.
+
+    Args:
+        num_workers: worker processes.
+        prefetch_factor: items each worker prepares ahead.
+    """
+
+    type_name = "workers"
+
+    def __init__(self, source: BaseNode, num_workers: int, prefetch_factor: int = 4):
+        super().__init__()
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+            raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
+        self.source = source
+        self.num_workers = num_workers
+        self._epoch = -1
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*set_vital.*")  # torchdata 0.11 calls a deprecated torch API
+            self._dataset = _NodeDataset(source)
+            self._loader = StatefulDataLoader(
+                self._dataset,
+                batch_size=None,
+                collate_fn=_as_is,  # items cross as pickles: numpy blocks move cheaply, tensors would not
+                num_workers=num_workers,
+                prefetch_factor=prefetch_factor,
+                persistent_workers=False,
+                in_order=True,
+            )
+
+    def reset(self, initial_state: dict[str, Any] | None = None) -> None:
+        super().reset(initial_state)
+        if initial_state is None:
+            self._epoch += 1
+        else:
+            self._epoch = initial_state["epoch"]
+            self._loader.load_state_dict(initial_state["loader"])
+        self._dataset.epoch = self._epoch
+        self._iterator = iter(self._loader)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"loader": self._loader.state_dict(), "epoch": self._epoch}
+
+    def next(self) -> Any:
+        return next(self._iterator)
