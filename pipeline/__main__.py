@@ -12,7 +12,9 @@ from pipeline.stage import StageError
 
 
 def run(args: argparse.Namespace) -> int:
-    pipe = Pipeline.from_config(args.config, output=args.output)
+    pipe = Pipeline.from_config(
+        args.config, output=args.output, rank=args.rank, world_size=args.world_size, num_workers=args.num_workers
+    )
     print(f"{pipe}")
     start = time.perf_counter()
     first = None
@@ -40,6 +42,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_loader_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rank", type=int, default=None, help="this process's rank (default: torch.distributed, else $RANK, else 0)")
+    parser.add_argument("--world-size", type=int, default=None, help="number of ranks (default: torch.distributed, else $WORLD_SIZE, else 1)")
+    parser.add_argument("--num-workers", type=int, default=0, help="worker processes for read/encode/window (default 0: in process)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="Run text -> token -> embedding pipelines.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("config", help="a YAML, TOML or JSON pipeline config")
     run_parser.add_argument("--max-batches", type=int, default=None, help="stop after N batches")
     run_parser.add_argument("--output", default=None, help="the stage to iterate (default: the config's last)")
+    add_loader_flags(run_parser)
     args = parser.parse_args(argv)
     try:
         return run(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from typing import Any
 
 from torch.utils.data import IterableDataset
@@ -15,6 +16,20 @@ from pipeline.stage import Stage, upstream_nodes
 
 def _as_is(item: Any) -> Any:
     return item
+
+
+_END = "pipeline.workers.end"  # the last item of a worker's epoch: carries its final counters
+
+
+def _stats_delta(chain: list[BaseNode], sent: list[Counter]) -> list[dict[str, int]]:
+    """What each stage's counters gained since the last call (updates ``sent``)."""
+    delta = []
+    for node, before in zip(chain, sent):
+        now = getattr(node, "stats", Counter())
+        delta.append({k: v - before[k] for k, v in now.items() if v != before[k]})
+        before.clear()
+        before.update(now)
+    return delta
 
 
 class _NodeDataset(IterableDataset):
@@ -33,11 +48,15 @@ class _NodeDataset(IterableDataset):
                     node.set_epoch(self.epoch)
         self.root.reset(self._pending)
         self._pending, self._started = None, True
+        chain = upstream_nodes(self.root)
+        sent = [Counter() for _ in chain]
         while True:
             try:
-                yield next(self.root)
+                item = next(self.root)
             except StopIteration:
+                yield _END, _stats_delta(chain, sent)  # counters set at the end (tails, drops)
                 return
+            yield item, _stats_delta(chain, sent)
 
     def state_dict(self) -> dict | None:
         return self.root.state_dict() if self._started else self._pending
@@ -84,6 +103,9 @@ class Workers(Stage):
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
+        for node in upstream_nodes(self.source):
+            if hasattr(node, "stats"):
+                node.stats.clear()
         if initial_state is None:
             self._epoch += 1
         else:
@@ -96,4 +118,11 @@ class Workers(Stage):
         return {"loader": self._loader.state_dict(), "epoch": self._epoch}
 
     def next(self) -> Any:
-        return next(self._iterator)
+        chain = upstream_nodes(self.source)
+        while True:
+            item, delta = next(self._iterator)
+            for node, gained in zip(chain, delta):  # the workers' counters, summed on the main copies
+                if hasattr(node, "stats"):
+                    node.stats.update(gained)
+            if not (isinstance(item, str) and item == _END):
+                return item

@@ -1,0 +1,114 @@
+"""read_arrow: formats, metadata columns, and bad input named by file, shard and row."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pytest
+
+from pipeline import ConfigError, Pipeline, StageError
+from stages import ReadArrow
+from tests.corpora import write_arrow_corpus
+
+
+@pytest.mark.parametrize("fmt", ["file", "stream", "parquet"])
+def test_formats_read_every_document_in_order(tmp_path, fmt):
+    ids = write_arrow_corpus(tmp_path / "c", fmt=fmt)
+    docs = list(ReadArrow(str(tmp_path / "c")))
+    assert [d["id"] for d in docs] == ids
+    first = docs[0]
+    assert first["text"].startswith(first["id"])
+    assert first["source"].endswith("part-0." + ("parquet" if fmt == "parquet" else "arrow"))
+    assert (first["shard"], first["record"], first["n"]) == (0, 0, 0)
+    assert {d["shard"] for d in docs if d["source"] == first["source"]} == {0, 1, 2}
+
+
+def test_units_are_record_batches(tmp_path):
+    write_arrow_corpus(tmp_path / "c", batches_per_file=(3, 1, 5, 2))
+    assert len(ReadArrow(str(tmp_path / "c")).units) == 11
+
+
+def test_text_column_and_carried_columns(tmp_path):
+    path = tmp_path / "t.arrow"
+    _write(path, {"body": ["one two", "three"], "lang": ["en", "fr"], "n": [1, 2]})
+    docs = list(ReadArrow(str(path), column="body", columns=["lang"]))
+    assert docs == [
+        {"lang": "en", "text": "one two", "source": str(path), "shard": 0, "record": 0},
+        {"lang": "fr", "text": "three", "source": str(path), "shard": 0, "record": 1},
+    ]
+
+
+def _write(path, columns: dict, fmt=ipc.new_file):
+    batch = pa.record_batch(columns)
+    with fmt(path, batch.schema) as writer:
+        writer.write_batch(batch)
+
+
+def test_missing_text_column_names_file_and_columns(tmp_path):
+    path = tmp_path / "t.arrow"
+    _write(path, {"body": ["x"]})
+    with pytest.raises(ValueError, match=r"t\.arrow: no column `text` \(columns: body\)"):
+        ReadArrow(str(path))
+
+
+def test_non_string_column(tmp_path):
+    path = tmp_path / "t.arrow"
+    _write(path, {"text": [1, 2]})
+    with pytest.raises(ValueError, match=r"t\.arrow: column `text` is int64, not a string column"):
+        ReadArrow(str(path))
+
+
+def test_null_text_raises_naming_file_shard_and_row_or_is_skipped_and_counted(tmp_path):
+    path = tmp_path / "t.arrow"
+    _write(path, {"text": ["a", None, "c", None]})
+    with pytest.raises(StageError, match=r"stage 'read_arrow', file .*t\.arrow, shard 0, row 1: null in text column"):
+        list(ReadArrow(str(path)))
+    node = ReadArrow(str(path), on_null="skip")
+    assert [d["text"] for d in node] == ["a", "c"]
+    assert node.stats["null documents skipped"] == 2
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "e.arrow").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"e\.arrow: empty file \(0 bytes\)"):
+        ReadArrow(str(tmp_path / "e.arrow"))
+
+
+def test_truncated_file_is_named(tmp_path):
+    write_arrow_corpus(tmp_path / "c", batches_per_file=(3,))
+    path = tmp_path / "c" / "part-0.arrow"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"part-0\.arrow: not a readable Arrow IPC or Parquet file"):
+        ReadArrow(str(path))
+
+
+def test_corrupt_record_batch_is_named_with_its_shard(tmp_path):
+    write_arrow_corpus(tmp_path / "c", batches_per_file=(3,), rows_per_batch=(50,))
+    path = tmp_path / "c" / "part-0.arrow"
+    reader = ipc.open_file(pa.memory_map(str(path)))
+    assert reader.num_record_batches == 3
+    data = bytearray(path.read_bytes())
+    # overwrite the middle of the file (inside the record batches, before the footer) with garbage
+    start = len(data) // 3
+    data[start : start + 2000] = b"\xff" * 2000
+    path.write_bytes(bytes(data))
+    with pytest.raises((StageError, ValueError), match=r"part-0\.arrow"):
+        list(ReadArrow(str(path)))
+
+
+def test_config_error_names_the_stage(tmp_path):
+    path = tmp_path / "t.arrow"
+    _write(path, {"body": ["x"]})
+    with pytest.raises(ConfigError, match=r"stage `books`: .*no column `text`"):
+        Pipeline.from_config({"stages": {"books": {"type": "read_arrow", "paths": [str(path)]}}})
+
+
+def test_failure_in_a_worker_reaches_the_caller_with_its_context(tmp_path):
+    write_arrow_corpus(tmp_path / "c", batches_per_file=(2, 2))
+    bad = tmp_path / "c" / "part-9.arrow"
+    _write(bad, {"id": ["bad-0", "bad-1"], "text": ["fine", None], "n": [0, 1]})
+    config = {"stages": {"read": {"type": "read_arrow", "paths": [str(tmp_path / "c")]}}}
+    with pytest.raises(Exception, match=r"part-9\.arrow, shard 0, row 1: null in text column") as info:
+        list(Pipeline.from_config(config, output="read", num_workers=2))
+    assert "StageError" in str(info.value) or isinstance(info.value, StageError)
