@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -114,6 +115,13 @@ def _check_across(specs: Mapping[str, Any], built: Mapping[str, BaseNode]) -> No
                 )
 
 
+STATE_VERSION = 1
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _with_workers(root: BaseNode, num_workers: int) -> BaseNode:
     """Put a ``Workers`` node above the topmost stage worth running in workers; return the new root."""
     if getattr(root, "in_workers", False):
@@ -168,6 +176,7 @@ class Pipeline:
                     node.rank, node.world_size = resolve_rank(
                         node.rank if rank is None else rank, node.world_size if world_size is None else world_size
                     )
+        self.num_workers = num_workers
         if num_workers:
             self.root = _with_workers(self.root, num_workers)
         self.loader = Loader(self.root)
@@ -199,10 +208,41 @@ class Pipeline:
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return self.loader.state_dict()
+        """Where the stream stands: positions, epochs and seeds (JSON-serializable, no data)."""
+        return {"state_version": STATE_VERSION, "fits": self._fingerprint(), "loader": self.loader.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state)
+        """Continue, at the next ``iter()``, with exactly the batches that followed ``state``.
+
+        Raises ``ValueError`` naming what differs when the state was saved by another pipeline
+        (stages or parameters, corpus files, rank, world size, workers).
+        """
+        if not isinstance(state, Mapping) or state.get("state_version") != STATE_VERSION:
+            found = state.get("state_version") if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"not a pipeline state of version {STATE_VERSION} (state_version: {found!r})")
+        mine = self._fingerprint()
+        for field, saved in state["fits"].items():
+            if mine.get(field) != saved:
+                raise ValueError(
+                    f"this state does not fit the pipeline: `{field}` was {saved!r} when it was saved and is "
+                    f"{mine.get(field)!r} now" + (" (the stages or their parameters differ)" if field == "graph" else "")
+                )
+        self.loader.load_state_dict(state["loader"])
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """What a saved state must match: the graph, the corpus files (with sizes), rank and workers."""
+        nodes = [n for n in reversed(upstream_nodes(self.root)) if hasattr(n, "params")]
+        graph = [[n.name, n.type_name, {k: v for k, v in n.params.items() if k not in ("rank", "world_size")}] for n in nodes]
+        readers = [n for n in nodes if isinstance(n, ShardedSource)]
+        files = [getattr(f, "path", f) for n in readers for f in n.files]
+        corpus = [[f, os.path.getsize(f) if os.path.exists(f) else None] for f in files]
+        return {
+            "graph": _digest(graph),
+            "corpus": _digest(corpus),
+            "rank": [n.rank for n in readers],
+            "world_size": [n.world_size for n in readers],
+            "num_workers": self.num_workers,
+        }
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Counters of every stage on the output's path, upstream first."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from typing import Any
 
@@ -18,11 +19,26 @@ class ConfigError(ValueError):
 
 
 def register(type_name: str):
-    """Class decorator: make a stage class available to configs as ``type: <type_name>``."""
+    """Class decorator: make a stage class available to configs as ``type: <type_name>``.
+
+    Each instance also records the arguments it was built with (``params``, without ``source``):
+    what ``inspect`` shows and what a saved state is checked against.
+    """
 
     def decorate(cls: type) -> type:
         cls.type_name = type_name
         STAGES[type_name] = cls
+        init = cls.__init__
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            self.params = {k: v for k, v in bound.arguments.items() if k not in ("self", "source")}
+            init(self, *args, **kwargs)
+
+        cls.__init__ = __init__
         return cls
 
     return decorate

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import warnings
 from collections import Counter
 from typing import Any
@@ -112,6 +113,9 @@ class Workers(Stage):
             self._epoch = initial_state["epoch"]
             self._loader.load_state_dict(initial_state["loader"])
         self._dataset.epoch = self._epoch
+        # Forked workers inherit the parent's uncollected garbage; an old loader iterator collected
+        # there would try to shut down workers that are not its children. Collect it here first.
+        gc.collect()
         self._iterator = iter(self._loader)
 
     def get_state(self) -> dict[str, Any]:
