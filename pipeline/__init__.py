@@ -3,7 +3,8 @@
 ``pipeline`` is the engine (stages, graphs, state); the stages themselves live in ``stages``.
 """
 
-from pipeline.graph import Pipeline, load_config
+from pipeline.config import load_config
+from pipeline.graph import Pipeline
 from pipeline.registry import STAGES, ConfigError, register
 from pipeline.stage import Stage, StageError
 

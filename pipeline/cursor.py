@@ -46,6 +46,11 @@ class Cursor:
     def available(self) -> int:
         return self._available
 
+    @property
+    def skipping(self) -> int:
+        """Elements past the held ones still to be skipped (after an advance beyond them)."""
+        return 0 if self._arrays else self._offset
+
     def fill(self, n: int) -> int:
         """Pull arrays until ``n`` elements are held or the source ends; return how many are held."""
         while self._available < n and not self.ended:

@@ -5,79 +5,96 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from torchdata.nodes import BaseNode, Loader
 
-from pipeline.registry import ConfigError, check_fields, did_you_mean, parameters, stage_class
+from pipeline.config import load_config
+from pipeline.registry import ConfigError, did_you_mean, stage_class
+from pipeline.schema import check_value, fields, takes
 from pipeline.shard import ShardedSource, resolve_rank
-from pipeline.stage import upstream_nodes
+from pipeline.stage import inputs_of, upstream_nodes
 from pipeline.workers import Workers
 
-
-def load_config(config: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
-    """Read a YAML, TOML or JSON file (or take a dict) describing a pipeline."""
-    if isinstance(config, Mapping):
-        return dict(config)
-    path = os.fspath(config)
-    if not os.path.exists(path):
-        raise ConfigError(f"config file not found: {path}")
-    with open(path, "rb") as f:
-        raw = f.read()
-    if path.endswith(".toml"):
-        import tomllib
-
-        return tomllib.loads(raw.decode())
-    if path.endswith(".json"):
-        return json.loads(raw)
-    import yaml
-
-    loaded = yaml.safe_load(raw)
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: expected a mapping with a `stages` key, got {type(loaded).__name__}")
-    return loaded
+STATE_VERSION = 1
+_TOP_LEVEL = ("stages", "output")
 
 
-def build_stages(config: Mapping[str, Any]) -> dict[str, BaseNode]:
-    """Check a config's whole graph, then construct its stages in dependency order."""
+def _refs(name: str, spec: Mapping[str, Any]) -> list[str]:
+    """The inputs a stage names (``input`` or ``inputs``), checked for shape."""
+    cls = stage_class(spec.get("type"), name)
+    kind = takes(cls)
+    if kind == "none":
+        for key in ("input", "inputs"):
+            if key in spec:
+                raise ConfigError(f"type `{cls.type_name}` reads from files and takes no `{key}`", name, key)
+        return []
+    key, other = ("input", "inputs") if kind == "one" else ("inputs", "input")
+    if other in spec:
+        raise ConfigError(f"type `{cls.type_name}` takes `{key}`, not `{other}`", name, other)
+    if key not in spec:
+        raise ConfigError(f"type `{cls.type_name}` needs `{key}`", name, key)
+    refs = [spec[key]] if kind == "one" else spec[key]
+    if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+        want = "a stage name" if kind == "one" else "a list of stage names"
+        raise ConfigError(f"`{key}` must be {want}, got {spec[key]!r}", name, key)
+    return refs
+
+
+def _check_ref(ref: str, specs: Mapping[str, Any], stage: str, key: str) -> str:
+    """The stage a reference names (``name`` or ``split.branch``)."""
+    base, dot, branch = ref.partition(".")
+    if base not in specs:
+        raise ConfigError(f"`{key}` names `{ref}`, which is not a stage{did_you_mean(ref, specs)}", stage, key)
+    if dot:
+        fractions = specs[base].get("fractions")
+        if specs[base].get("type") != "split" or not isinstance(fractions, Mapping):
+            raise ConfigError(f"`{key}` names `{ref}`, but `{base}` is not a split stage with branches", stage, key)
+        if branch not in fractions:
+            raise ConfigError(f"split `{base}` has no branch `{branch}`{did_you_mean(branch, fractions)}", stage, key)
+    return base
+
+
+def check_config(config: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Check a whole config without building anything; return each stage's input references."""
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"a pipeline config must be a mapping, got {type(config).__name__}")
+    unknown = [k for k in config if k not in _TOP_LEVEL]
+    if unknown:
+        raise ConfigError(f"unknown top-level key `{unknown[0]}`{did_you_mean(unknown[0], _TOP_LEVEL)}; expected `stages` and optionally `output`")
     specs = config.get("stages")
     if not isinstance(specs, Mapping) or not specs:
         raise ConfigError("a pipeline config needs a non-empty `stages` mapping of name -> {type, input, ...}")
-    unknown = set(config) - {"stages", "output"}
-    if unknown:
-        raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; expected `stages` and optionally `output`")
+    refs: dict[str, list[str]] = {}
     for name, spec in specs.items():
         if not isinstance(spec, Mapping) or "type" not in spec:
             raise ConfigError("each stage needs a mapping with a `type`", name, "type")
+        if "." in name:
+            raise ConfigError("stage names may not contain `.` (it addresses split branches)", name)
         cls = stage_class(spec["type"], name)
-        fields = {k: v for k, v in spec.items() if k not in ("type", "input")}
-        check_fields(cls, fields, name)
-        takes_input = "source" in parameters(cls)
-        if takes_input and "input" not in spec:
-            raise ConfigError(f"type `{cls.type_name}` needs an `input`", name, "input")
-        if not takes_input and "input" in spec:
-            raise ConfigError(f"type `{cls.type_name}` reads from files and takes no `input`", name, "input")
-        if takes_input and spec["input"] not in specs:
-            raise ConfigError(f"input `{spec['input']}` is not a stage{did_you_mean(str(spec['input']), specs)}", name, "input")
-    order = _topological(specs)
-    built: dict[str, BaseNode] = {}
-    for name in order:
-        spec = dict(specs[name])
-        cls = stage_class(spec.pop("type"), name)
-        upstream = spec.pop("input", None)
-        try:
-            node = cls(built[upstream], **spec) if upstream is not None else cls(**spec)
-        except (ValueError, TypeError, FileNotFoundError) as e:
-            raise ConfigError(str(e), name) from e
-        node.name = name
-        built[name] = node
-    _check_across(specs, built)
-    return built
+        schema = fields(cls)
+        for field, value in spec.items():
+            if field in ("type", "input", "inputs"):
+                continue
+            if field not in schema:
+                raise ConfigError(f"unknown field `{field}` for type `{cls.type_name}`{did_you_mean(field, schema)}", name, field)
+            if not check_value(schema[field].hint, value):
+                raise ConfigError(f"field `{field}` must be {schema[field].type_text()}, got {value!r}", name, field)
+        for field in schema.values():
+            if field.required and field.name not in spec:
+                raise ConfigError(f"missing required field `{field.name}` for type `{cls.type_name}`", name, field.name)
+        refs[name] = _refs(name, spec)
+        key = "inputs" if takes(cls) == "many" else "input"
+        for ref in refs[name]:
+            _check_ref(ref, specs, name, key)
+    _check_acyclic(specs, refs)
+    _check_items(specs, refs)
+    return refs
 
 
-def _topological(specs: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    order: list[str] = []
+def _check_acyclic(specs, refs) -> None:
     state: dict[str, str] = {}
 
     def visit(name: str, path: list[str]) -> None:
@@ -87,35 +104,87 @@ def _topological(specs: Mapping[str, Mapping[str, Any]]) -> list[str]:
             cycle = path[path.index(name) :] + [name]
             raise ConfigError(f"the graph has a cycle: {' -> '.join(cycle)}", name, "input")
         state[name] = "visiting"
-        upstream = specs[name].get("input")
-        if upstream is not None:
-            visit(upstream, path + [name])
+        for ref in refs[name]:
+            visit(ref.partition(".")[0], path + [name])
         state[name] = "done"
-        order.append(name)
 
     for name in specs:
         visit(name, [])
-    return order
 
 
-def _check_across(specs: Mapping[str, Any], built: Mapping[str, BaseNode]) -> None:
-    """Checks that need two stages: a window longer than the position table it feeds."""
+def _check_items(specs, refs) -> None:
+    """Each stage's input must give the kind of item it takes (documents, tokens, windows, batches)."""
+    for name, names in refs.items():
+        wants = stage_class(specs[name]["type"], name).consumes
+        for ref in names if wants is not None else []:
+            gives = stage_class(specs[ref.partition(".")[0]]["type"], ref).produces
+            if wants != gives:
+                key = "inputs" if len(names) > 1 or "inputs" in specs[name] else "input"
+                raise ConfigError(f"takes {wants}, but its input `{ref}` gives {gives}", name, key)
+
+
+def build_stages(config: Mapping[str, Any]) -> dict[str, BaseNode]:
+    """Check a config's whole graph, then construct every stage in dependency order."""
+    refs = check_config(config)
+    specs = config["stages"]
+    built: dict[str, BaseNode] = {}
+
+    def build(name: str) -> BaseNode:
+        if name in built:
+            return built[name]
+        spec = dict(specs[name])
+        cls = stage_class(spec.pop("type"), name)
+        spec.pop("input", None), spec.pop("inputs", None)
+        sources = [_node(ref, build) for ref in refs[name]]
+        try:
+            if takes(cls) == "many":
+                node = cls(sources, **spec)
+            else:
+                node = cls(*sources, **spec)
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            field = re.match(r"\W*(\w+)", str(e))
+            raise ConfigError(str(e), name, field.group(1) if field and field.group(1) in spec else None) from e
+        node.name = name
+        built[name] = node
+        return node
+
+    for name in specs:
+        build(name)
+    _check_across(built)
+    return built
+
+
+def _node(ref: str, build) -> BaseNode:
+    """The node a reference names: a stage, or a fresh branch of a split."""
+    base, dot, branch = ref.partition(".")
+    if not dot:
+        return build(base)
+    from stages.split import Branch
+
+    return Branch(build(base), branch)
+
+
+def _check_across(built: Mapping[str, BaseNode]) -> None:
+    """Checks that need two stages: windows longer than a position table, ids beyond a token table."""
     for name, node in built.items():
-        context = getattr(node, "context_length", None)
+        context, vocab = getattr(node, "context_length", None), getattr(node, "vocab_size", None)
         if context is None:
             continue
-        for upstream in upstream_nodes(node):
+        for upstream in upstream_nodes(node)[1:]:
             max_length = getattr(upstream, "max_length", None)
             if max_length is not None and max_length > context:
                 raise ConfigError(
-                    f"context_length {context} is shorter than the windows of stage `{upstream.name}` "
-                    f"(max_length {max_length})",
+                    f"context_length {context} is shorter than the windows of stage `{upstream.name}` (max_length {max_length})",
                     name,
                     "context_length",
                 )
-
-
-STATE_VERSION = 1
+            ids = getattr(upstream, "vocab_size", None)
+            if vocab is not None and ids is not None and ids > vocab:
+                raise ConfigError(
+                    f"vocab_size {vocab} is smaller than the {ids} token ids stage `{upstream.name}` can produce",
+                    name,
+                    "vocab_size",
+                )
 
 
 def _digest(value: Any) -> str:
@@ -124,25 +193,27 @@ def _digest(value: Any) -> str:
 
 def _with_workers(root: BaseNode, num_workers: int) -> BaseNode:
     """Put a ``Workers`` node above the topmost stage worth running in workers; return the new root."""
+    if any(isinstance(n, Workers) for n in upstream_nodes(root)):
+        raise ValueError("the pipeline already has a Workers stage; pass num_workers to one or the other")
     if getattr(root, "in_workers", False):
         return Workers(root, num_workers)
-    for node in upstream_nodes(root):
-        if any(isinstance(n, Workers) for n in upstream_nodes(node)[1:]):
-            raise ValueError("the pipeline already has a Workers stage; pass num_workers to one or the other")
-        source = getattr(node, "source", None)
+    node = root
+    while len(inputs_of(node)) == 1:
+        source = inputs_of(node)[0]
         if getattr(source, "in_workers", False):
             node.source = Workers(source, num_workers)
             return root
-    raise ValueError("num_workers: no stage of this pipeline runs in workers (read, encode or window)")
+        node = source
+    raise ValueError("num_workers: no chain of read/encode/window stages to put in workers")
 
 
 class Pipeline:
     """A runnable graph of stages: iterate it for batches; save and restore where it stands.
 
     Args:
-        stages: the output stage (its upstream stages are found through ``source``), or a mapping of
-            stage names to stages.
-        output: with a mapping, the name of the stage to iterate (default: the last one).
+        stages: the output stage (its upstream stages are found through ``source``/``sources``), or
+            a mapping of stage names to stages.
+        output: with a mapping, the stage (or ``split.branch``) to iterate (default: the last one).
         rank, world_size: this process's place among the ranks, given to every reader (default: each
             reader's own, from torch.distributed or the RANK / WORLD_SIZE environment).
         num_workers: worker processes for the reading, encoding and windowing stages (0: in this process).
@@ -162,23 +233,25 @@ class Pipeline:
         if isinstance(stages, BaseNode):
             if output is not None:
                 raise ValueError("output= selects a stage by name; pass a mapping of stages to use it")
-            chain = upstream_nodes(stages)
-            stages = {getattr(node, "name", type(node).__name__): node for node in reversed(chain)}
-            output = chain[0].name if hasattr(chain[0], "name") else list(stages)[-1]
-        self.stages: dict[str, BaseNode] = dict(stages)
-        self.output = output if output is not None else list(self.stages)[-1]
-        if self.output not in self.stages:
-            raise ConfigError(f"output `{self.output}` is not a stage{did_you_mean(self.output, self.stages)}", field="output")
-        self.root = self.stages[self.output]
+            self.stages = {getattr(n, "name", type(n).__name__): n for n in reversed(upstream_nodes(stages))}
+            root = stages
+        else:
+            self.stages = dict(stages)
+            output = output if output is not None else list(self.stages)[-1]
+            base, dot, branch = output.partition(".")
+            if base not in self.stages:
+                raise ConfigError(f"output `{output}` is not a stage{did_you_mean(output, self.stages)}", field="output")
+            root = _node(output, self.stages.__getitem__) if dot else self.stages[base]
+        self.output = getattr(root, "name", output)
+        _check_consumed_once(root)
         if rank is not None or world_size is not None:
-            for node in upstream_nodes(self.root):
+            for node in upstream_nodes(root):
                 if isinstance(node, ShardedSource):
                     node.rank, node.world_size = resolve_rank(
                         node.rank if rank is None else rank, node.world_size if world_size is None else world_size
                     )
         self.num_workers = num_workers
-        if num_workers:
-            self.root = _with_workers(self.root, num_workers)
+        self.root = _with_workers(root, num_workers) if num_workers else root
         self.loader = Loader(self.root)
 
     @classmethod
@@ -191,10 +264,7 @@ class Pipeline:
 
         spec = load_config(config)
         built = build_stages(spec)
-        output = output if output is not None else spec.get("output")
-        if output is not None and output not in built:
-            raise ConfigError(f"output `{output}` is not a stage{did_you_mean(str(output), built)}", field="output")
-        return cls(built, output=output, **loader)
+        return cls(built, output=output if output is not None else spec.get("output"), **loader)
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.loader)
@@ -202,10 +272,7 @@ class Pipeline:
     @property
     def embedding(self):
         """The embed stage's module (``tok_emb``, ``pos_emb``), for the optimizer; None without one."""
-        for node in upstream_nodes(self.root):
-            if hasattr(node, "module"):
-                return node.module
-        return None
+        return next((node.module for node in upstream_nodes(self.root) if hasattr(node, "module")), None)
 
     def state_dict(self) -> dict[str, Any]:
         """Where the stream stands: positions, epochs and seeds (JSON-serializable, no data)."""
@@ -244,10 +311,23 @@ class Pipeline:
             "num_workers": self.num_workers,
         }
 
-    def stats(self) -> dict[str, dict[str, int]]:
+    def stats(self) -> dict[str, dict[str, float]]:
         """Counters of every stage on the output's path, upstream first."""
         return {node.name: dict(node.stats) for node in reversed(upstream_nodes(self.root)) if hasattr(node, "stats")}
 
     def __repr__(self) -> str:
         path = " -> ".join(f"{n.name}:{n.type_name}" for n in reversed(upstream_nodes(self.root)) if hasattr(n, "type_name"))
         return f"Pipeline({path})"
+
+
+def _check_consumed_once(root: BaseNode) -> None:
+    """A stream can feed one consumer: refuse an output whose graph reads one stage twice."""
+    seen: set[int] = set()
+    for node in upstream_nodes(root):
+        if id(node) in seen:
+            raise ConfigError(
+                f"stage `{getattr(node, 'name', node)}` feeds two stages on the way to output `{getattr(root, 'name', root)}`; "
+                "a stream can be read by one stage (make two outputs, e.g. one per split branch)",
+                getattr(node, "name", None),
+            )
+        seen.add(id(node))

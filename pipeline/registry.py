@@ -1,11 +1,10 @@
-"""Stage types by name, and the checks a config's stage entry must pass before anything runs."""
+"""Stage types by name."""
 
 from __future__ import annotations
 
 import difflib
 import functools
 import inspect
-from typing import Any
 
 STAGES: dict[str, type] = {}
 
@@ -21,8 +20,9 @@ class ConfigError(ValueError):
 def register(type_name: str):
     """Class decorator: make a stage class available to configs as ``type: <type_name>``.
 
-    Each instance also records the arguments it was built with (``params``, without ``source``):
-    what ``inspect`` shows and what a saved state is checked against.
+    Each instance also records the arguments it was built with (``params``, without its inputs):
+    what ``inspect`` shows, what ``bench`` rebuilds a stage from, and what a saved state is checked
+    against.
     """
 
     def decorate(cls: type) -> type:
@@ -35,7 +35,7 @@ def register(type_name: str):
         def __init__(self, *args, **kwargs):
             bound = signature.bind(self, *args, **kwargs)
             bound.apply_defaults()
-            self.params = {k: v for k, v in bound.arguments.items() if k not in ("self", "source")}
+            self.params = {k: v for k, v in bound.arguments.items() if k not in ("self", "source", "sources")}
             init(self, *args, **kwargs)
 
         cls.__init__ = __init__
@@ -45,34 +45,12 @@ def register(type_name: str):
 
 
 def did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1)
     return f"; did you mean `{close[0]}`?" if close else ""
 
 
-def stage_class(type_name: Any, stage: str) -> type:
+def stage_class(type_name, stage: str) -> type:
     if not isinstance(type_name, str) or type_name not in STAGES:
-        raise ConfigError(
-            f"unknown type `{type_name}`{did_you_mean(str(type_name), STAGES)} (known: {', '.join(sorted(STAGES))})",
-            stage,
-            "type",
-        )
+        known = ", ".join(sorted(STAGES))
+        raise ConfigError(f"unknown type `{type_name}`{did_you_mean(str(type_name), STAGES)} (known: {known})", stage, "type")
     return STAGES[type_name]
-
-
-def parameters(cls: type) -> dict[str, inspect.Parameter]:
-    """The fields a config may give a stage type: its constructor's arguments, less ``source``."""
-    params = dict(inspect.signature(cls.__init__).parameters)
-    params.pop("self", None)
-    return params
-
-
-def check_fields(cls: type, fields: dict[str, Any], stage: str) -> None:
-    """Raise ``ConfigError`` for an unknown field or a missing required one."""
-    params = parameters(cls)
-    allowed = [p for p in params if p != "source"]
-    for field in fields:
-        if field not in allowed:
-            raise ConfigError(f"unknown field `{field}` for type `{cls.type_name}`{did_you_mean(field, allowed)}", stage, field)
-    for name in allowed:
-        if params[name].default is inspect.Parameter.empty and name not in fields:
-            raise ConfigError(f"missing required field `{name}` for type `{cls.type_name}`", stage, name)

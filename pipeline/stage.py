@@ -31,6 +31,8 @@ class Stage(BaseNode[T]):
 
     type_name = "stage"
     in_workers = False  # True for stages worth running in DataLoader workers (read, encode, window)
+    consumes: str | None = None  # the kind of item taken (see pipeline.schema.ITEMS); None: reads files
+    produces: str | None = None  # the kind of item given
 
     def __init__(self) -> None:
         super().__init__()
@@ -50,9 +52,16 @@ class Stage(BaseNode[T]):
         return f"<{type(self).__name__} '{self.name}'>"
 
 
+def inputs_of(node: BaseNode) -> list[BaseNode]:
+    """The stages ``node`` reads from: its ``source``, or its ``sources`` (fan-in)."""
+    if getattr(node, "source", None) is not None:
+        return [node.source]
+    return list(getattr(node, "sources", None) or [])
+
+
 def upstream_nodes(node: BaseNode) -> list[BaseNode]:
-    """``node`` and every stage it reads from, nearest first."""
-    chain = [node]
-    while getattr(chain[-1], "source", None) is not None:
-        chain.append(chain[-1].source)
-    return chain
+    """``node`` and every stage it reads from, depth first (a node reached twice appears twice)."""
+    out = [node]
+    for source in inputs_of(node):
+        out += upstream_nodes(source)
+    return out

@@ -76,6 +76,7 @@ class ReadArrow(ShardedSource, Stage[dict]):
     """
 
     in_workers = True  # worth running in DataLoader worker processes
+    produces = "documents"
 
     def __init__(
         self,

@@ -28,6 +28,9 @@ class Batch(Stage[dict]):
         shuffle_windows: windows per shuffled group (rounded up to a multiple of ``batch_size``).
     """
 
+    consumes = "windows"
+    produces = "batches"
+
     def __init__(
         self,
         source,

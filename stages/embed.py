@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -28,9 +30,10 @@ def sinusoidal_table(context_length: int, d_model: int) -> torch.Tensor:
 class InputEmbedding(nn.Module):
     """``tok_emb(ids) + pos_emb(arange(T))``, named as in the book's ``GPTModel``.
 
-    ``pos_emb`` is an ``nn.Embedding`` for ``learned`` positions, a fixed (buffer) table for
-    ``sinusoidal``, and absent for ``none``. With ``seed``, the tables are drawn from a generator
-    seeded with it (``seed=123`` gives the book's tables after ``torch.manual_seed(123)``).
+    ``pos_emb`` is an ``nn.Embedding`` for ``learned`` positions, a fixed table (``pos_table``, a
+    buffer left out of ``state_dict``: it is the formula's) for ``sinusoidal``, and absent for ``none``.
+    With ``seed``, the tables are drawn from a generator seeded with it (``seed=123`` gives the book's
+    tables after ``torch.manual_seed(123)``). The output has the tables' dtype, under autocast too.
     """
 
     def __init__(self, vocab_size: int, d_model: int, context_length: int, positional: str = "learned", seed: int | None = None):
@@ -45,7 +48,7 @@ class InputEmbedding(nn.Module):
             if generator is not None:
                 nn.init.normal_(self.pos_emb.weight, generator=generator)
         elif positional == "sinusoidal":
-            self.register_buffer("pos_table", sinusoidal_table(context_length, d_model))
+            self.register_buffer("pos_table", sinusoidal_table(context_length, d_model), persistent=False)
         self.context_length = context_length
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -60,18 +63,52 @@ class InputEmbedding(nn.Module):
         return embeddings
 
 
+def load_weights(module: nn.Module, path: str | os.PathLike) -> None:
+    """Copy the tables of a saved state dict into ``module`` (stage field ``weights``).
+
+    The file holds ``tok_emb.weight`` (and ``pos_emb.weight`` for learned positions), as an
+    ``InputEmbedding``'s or the book's ``GPTModel``'s ``state_dict()`` does; other keys are ignored.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights: no such file {os.fspath(path)!r} (working directory {os.getcwd()})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip or weights_only errors: all mean "not a state dict file"
+        raise ValueError(f"weights {os.fspath(path)!r}: not a file saved by torch.save ({type(e).__name__}: {e})") from None
+    if not isinstance(state, Mapping):
+        raise ValueError(f"weights {os.fspath(path)!r}: expected a state dict, got {type(state).__name__}")
+    needed = module.state_dict()
+    missing = [key for key in needed if key not in state]
+    if missing:
+        raise ValueError(f"weights {os.fspath(path)!r}: no {missing} in the file (it has {sorted(state)[:8]})")
+    for key, table in needed.items():
+        found = state[key]
+        if not torch.is_tensor(found) or found.shape != table.shape:
+            shape = tuple(found.shape) if torch.is_tensor(found) else type(found).__name__
+            raise ValueError(f"weights {os.fspath(path)!r}: `{key}` is {shape}, the stage's table is {tuple(table.shape)}")
+    module.load_state_dict({key: state[key] for key in needed})
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine (use auto or cpu)")
+    return resolved
 
 
 @register("embed")
 class Embed(Stage[dict]):
     """Moves each batch to the device and adds ``embeddings`` [B, T, D] = token + position embeddings.
 
-    ``module`` (an ``InputEmbedding``) holds the tables; give its parameters to the optimizer. On a GPU,
-    batches are pinned on the host and copied with ``non_blocking=True``.
+    ``module`` (an ``InputEmbedding``) holds the tables; give its parameters to the optimizer. The
+    embeddings are computed in ``next()``, in the caller's thread, with the tables as they are then:
+    with grad in training, without a graph under ``torch.no_grad()``.
+
+    On a GPU, each batch is pinned on the host and copied on a side stream with ``non_blocking=True``,
+    one batch ahead: when ``next()`` returns batch k, batch k+1's copy is already issued and overlaps
+    the model's step on k. The state stays the position after the last batch *returned*.
 
     Args:
         vocab_size: rows of the token table (50257 for GPT-2).
@@ -81,6 +118,8 @@ class Embed(Stage[dict]):
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
         dtype: ``float32``, ``bfloat16`` or ``float16``.
         seed: seed of the tables' initial values (None: torch's global generator).
+        weights: a state dict file (``torch.save``) to load the tables from, e.g. a trained model's.
+        prefetch: fetch one batch ahead (default: on a GPU only; on the CPU it only reads ahead).
     """
 
     def __init__(
@@ -93,6 +132,8 @@ class Embed(Stage[dict]):
         device: str = "auto",
         dtype: str = "float32",
         seed: int | None = None,
+        weights: str | None = None,
+        prefetch: bool | None = None,
     ):
         super().__init__()
         for field, value in (("vocab_size", vocab_size), ("d_model", d_model), ("context_length", context_length)):
@@ -102,28 +143,68 @@ class Embed(Stage[dict]):
             raise ValueError(f"positional must be one of {POSITIONAL}, got {positional!r}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+        if weights is not None and not isinstance(weights, (str, os.PathLike)):
+            raise TypeError(f"weights must be a file path, got {weights!r}")
+        if prefetch is not None and not isinstance(prefetch, bool):
+            raise TypeError(f"prefetch must be true or false, got {prefetch!r}")
         self.source = source
         self.vocab_size = vocab_size
         self.context_length = context_length
         self.device = resolve_device(device)
-        self.module = InputEmbedding(vocab_size, d_model, context_length, positional, seed).to(self.device, DTYPES[dtype])
+        module = InputEmbedding(vocab_size, d_model, context_length, positional, seed)
+        if weights is not None:
+            load_weights(module, weights)
+        self.module = module.to(self.device, DTYPES[dtype])
+        self.prefetch = self.device.type == "cuda" if prefetch is None else prefetch
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
         self.source.reset(initial_state["source"] if initial_state is not None else None)
+        self._ahead: dict | Exception | None = None  # the next batch, its copy issued (or what fetching it raised)
+        self._after_last: dict | None = None  # the source's state after the last batch returned, while one is ahead
 
     def get_state(self) -> dict[str, Any]:
-        return {"source": self.source.state_dict()}
+        return {"source": self._after_last if self._ahead is not None else self.source.state_dict()}
 
     def next(self) -> dict:
+        if not self.prefetch:
+            return self._embed(self._fetch())
+        if self._ahead is None:
+            self._ahead = self._fetch_or_error()
+        if isinstance(self._ahead, Exception):
+            raise self._ahead  # StopIteration included: raised when its batch would have been returned
+        batch = self._embed(self._ahead)  # first: the model's stream then waits for this batch's copy only
+        self._after_last = self.source.state_dict()
+        self._ahead = self._fetch_or_error()
+        return batch
+
+    def _fetch_or_error(self) -> dict | Exception:
+        try:
+            return self._fetch()
+        except Exception as e:
+            return e
+
+    def _fetch(self) -> dict:
+        """The source's next batch, checked, its tensors on their way to the device."""
         batch = dict(next(self.source))
         inputs = batch["inputs"]
         top = int(inputs.max()) if inputs.numel() else -1
         if top >= self.vocab_size:
             raise self.error(f"token id {top} is outside the token table (vocab_size {self.vocab_size})")
-        if self.device.type == "cuda":
-            batch = {k: v.pin_memory().to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if self._stream is not None:
+            with torch.cuda.stream(self._stream):
+                batch = {k: v.pin_memory().to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return batch
+
+    def _embed(self, batch: dict) -> dict:
+        if self._stream is not None:  # the consumer's stream waits for the copy; the allocator learns who uses the memory
+            consumer = torch.cuda.current_stream(self.device)
+            consumer.wait_stream(self._stream)
+            for value in batch.values():
+                if torch.is_tensor(value):
+                    value.record_stream(consumer)
         batch["embeddings"] = self.module(batch["inputs"])
         self.stats["batches"] += 1
-        self.stats["tokens"] += inputs.numel()
+        self.stats["tokens"] += batch["inputs"].numel()
         return batch

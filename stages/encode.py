@@ -34,6 +34,8 @@ class BpeEncode(Stage[dict]):
     """
 
     in_workers = True  # worth running in DataLoader worker processes
+    consumes = "documents"
+    produces = "tokens"
 
     def __init__(
         self,
@@ -58,6 +60,7 @@ class BpeEncode(Stage[dict]):
         if not self.allowed_special <= special:
             raise ValueError(f"allowed_special {sorted(self.allowed_special - special)} not in encoding `{encoding}` ({sorted(special)})")
         self.eot_id = self.encoding.eot_token
+        self.vocab_size = self.encoding.n_vocab  # ids it can produce, checked against an embed's table
         self.num_threads = num_threads
         self.batch_bytes = batch_bytes
         self._pool: ThreadPoolExecutor | None = None
@@ -131,7 +134,9 @@ class BpeEncode(Stage[dict]):
         def encode_group(group: list[int]) -> list[np.ndarray]:
             if len(group) == 1:
                 return [self._encode_one(texts[group[0]])]
-            joined = self.encoding.encode_to_numpy(EOT_TEXT.join(texts[i] for i in group), allowed_special={EOT_TEXT})
+            joined = self.encoding.encode_to_numpy(
+                EOT_TEXT.join(texts[i] for i in group), allowed_special={EOT_TEXT}, disallowed_special=()
+            )
             first, *rest = np.split(joined.astype(np.int32), np.flatnonzero(joined == self.eot_id))
             return [first] + [piece[1:] for piece in rest]  # each later piece starts with the separator
 

@@ -48,8 +48,9 @@ def _load(name: str, files: tuple[tuple[str, str], ...]) -> tiktoken.Encoding:
 
     def read_local(url: str) -> bytes:
         filename = url.rsplit("/", 1)[-1]
-        if filename in local:
-            with open(local[filename], "rb") as f:
+        path = local.get(filename, _cache_path(url))
+        if os.path.exists(path):  # a named file, or one placed where the message below says
+            with open(path, "rb") as f:
                 return f.read()
         raise EncodingFileMissing(
             f"encoding `{name}` needs the file {filename} and there is no network to fetch it. "

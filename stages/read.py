@@ -126,6 +126,7 @@ class ReadText(ShardedSource, Stage[dict]):
     """
 
     in_workers = True  # worth running in DataLoader worker processes
+    produces = "documents"
 
     def __init__(
         self,
@@ -148,8 +149,8 @@ class ReadText(ShardedSource, Stage[dict]):
         self.chunk_bytes, self.errors, self.shard_bytes = chunk_bytes, errors, shard_bytes
         self.init_shards(rank, world_size, shuffle, seed)
         self.units = []  # [file index, nominal start, nominal end]
-        for i, path in enumerate(self.files):
-            size = os.path.getsize(path)
+        self.sizes = [os.path.getsize(path) for path in self.files]
+        for i, size in enumerate(self.sizes):
             self.units += [[i, start, min(start + shard_bytes, size)] for start in range(0, max(size, 1), shard_bytes)]
         self._handle = None
 
@@ -213,3 +214,7 @@ class ReadText(ShardedSource, Stage[dict]):
             self._size = os.fstat(self._handle.fileno()).st_size
         except OSError as e:
             raise self.error(f"cannot open: {e.strerror}", path) from None
+        expected = self.sizes[self.files.index(path)]
+        if self._size != expected:  # its shard units were cut for the old size: bytes would be lost or read twice
+            self.close_unit()
+            raise self.error(f"file changed size since the pipeline was built ({expected} -> {self._size} bytes)", path)

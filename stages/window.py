@@ -33,6 +33,8 @@ class SlidingWindow(Stage[np.ndarray]):
     """
 
     in_workers = True  # worth running in DataLoader worker processes
+    consumes = "tokens"
+    produces = "windows"
 
     def __init__(self, source, max_length: int, stride: int, block_windows: int = 1024):
         super().__init__()
@@ -47,19 +49,24 @@ class SlidingWindow(Stage[np.ndarray]):
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
         self._cursor = Cursor(self.source, _ids)  # made here: Pipeline may rewire `source` before the first reset
-        self._cursor.reset(initial_state)
+        self._cursor.reset(initial_state["cursor"] if initial_state is not None else None)
+        self._windowed = initial_state is not None and initial_state["windowed"]  # a window was made
 
     def get_state(self) -> dict[str, Any]:
-        return self._cursor.state()
+        return {"cursor": self._cursor.state(), "windowed": self._windowed}
 
     def next(self) -> np.ndarray:
         span = self.max_length + 1
         held = self._cursor.fill(span + self.stride * (self.block_windows - 1))
         if held < span:
-            self.stats["tail tokens"] = held
+            # tokens after the last window's target: the held ones, less those it covers (stride <
+            # span), plus those the stride jumped over and the stream never reached (stride > span)
+            tail = held + self.stride - span - self._cursor.skipping if self._windowed else held
+            self.stats["tail tokens"] = max(tail, 0)
             raise StopIteration
         n = min(self.block_windows, (held - span) // self.stride + 1)
         tokens = self._cursor.peek(span + self.stride * (n - 1))
         self._cursor.advance(self.stride * n)
+        self._windowed = True
         self.stats["windows"] += n
         return sliding_window_view(tokens, span)[:: self.stride]

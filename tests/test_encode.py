@@ -181,12 +181,6 @@ def test_the_named_cache_path_is_where_tiktoken_looks(cache_dir, tmp_path):
     assert enc.encode_ordinary("It's 2024 — naïve café!") == ENC.encode_ordinary("It's 2024 — naïve café!")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with TIKTOKEN_CACHE_DIR set to the empty string tiktoken disables its cache, but the error's "
-    "hint still tells the user to put the file at a cache path (DATA_GYM_CACHE_DIR or /tmp/data-gym-cache), "
-    "where it is never looked for",
-)
 def test_the_named_cache_path_works_when_the_cache_is_disabled(cache_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
     monkeypatch.setenv("DATA_GYM_CACHE_DIR", str(cache_dir))
@@ -256,16 +250,7 @@ def test_other_special_tokens_when_allowed(cache_dir, tmp_path):
     assert 50281 in flat(out) and 50282 in flat(out)
 
 
-GROUPED_FIM_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: BpeEncode joins documents into one tiktoken call with allowed_special={<|endoftext|>} and tiktoken's "
-    "default disallowed_special='all', so a document holding another special token's text (<|fim_prefix|> in "
-    "p50k_edit, cl100k_base, o200k_base) raises tiktoken's ValueError instead of being encoded as plain text; "
-    "it works only when the document is encoded alone (batch_bytes smaller than the documents)",
-)
-
-
-@pytest.mark.parametrize("batch_bytes", [1, pytest.param(1 << 20, marks=GROUPED_FIM_BUG)])
+@pytest.mark.parametrize("batch_bytes", [1, 1 << 20])
 def test_other_special_tokens_are_plain_text_by_default(cache_dir, tmp_path, batch_bytes):
     files = {"p50k_base.tiktoken": p50k_file(tmp_path / "p50k_base.tiktoken")}
     edit = load_encoding("p50k_edit", files)

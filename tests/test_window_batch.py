@@ -92,13 +92,6 @@ def test_fewer_tokens_than_a_window(lengths):
     assert node.stats["tail tokens"] == sum(lengths)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: `tail tokens` is the count held after the last advance, not the tokens after the last window as the "
-    "docstring says: 10 tokens, max_length 4, stride 1 reports 4 (all 10 are in windows); the book's verdict run "
-    "(5145 tokens, 4/4) reports 1 though its last window ends at the last token; 9 tokens, max_length 2, stride 5 "
-    "reports 0 though token 8 is after the last window",
-)
 @pytest.mark.parametrize("n_tokens,max_length,stride", [(10, 4, 1), (5145, 4, 4), (9, 2, 5), (10, 4, 4)])
 def test_tail_tokens_are_the_tokens_after_the_last_window(n_tokens, max_length, stride):
     node = SlidingWindow(id_items([np.arange(n_tokens, dtype=np.int32)]), max_length=max_length, stride=stride)

@@ -1,0 +1,92 @@
+"""``mix``: interleave several document streams by weight, deterministically by seed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pipeline.registry import register
+from pipeline.stage import Stage
+
+STOPS = ("first", "all", "cycle")
+_DRAWS = 1024  # choices drawn at a time from a generator seeded by (seed, epoch, block)
+
+
+@register("mix")
+class Mix(Stage[dict]):
+    """Interleaves the items of several streams, each next item drawn from stream ``i`` with
+    probability ``weights[i]`` (normalized).
+
+    The choices come from generators seeded by ``(seed, epoch, block)``, so the order is a function
+    of the seed, and the state is a position (draws made, streams' states), never data. Each item
+    gains a ``mix`` field: the name of the stream it came from.
+
+    Args:
+        weights: one weight per input, in the order of ``inputs``.
+        seed: seed of the draws.
+        stop: ``all`` (every stream read once; exhausted ones are skipped), ``first`` (stop when the
+            first stream runs out) or ``cycle`` (restart streams that run out until all have ended once).
+    """
+
+    in_workers = True
+    consumes = "documents"
+    produces = "documents"  # each with `mix`: the name of its stream
+
+    def __init__(self, sources: list, weights: list[float], seed: int = 0, stop: str = "all"):
+        super().__init__()
+        if stop not in STOPS:
+            raise ValueError(f"stop must be one of {STOPS}, got {stop!r}")
+        if len(weights) != len(sources) or not sources:
+            raise ValueError(f"weights needs one weight per input: {len(sources)} inputs, {len(weights)} weights")
+        if any(isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0 for w in weights):
+            raise ValueError(f"weights must be positive numbers, got {weights!r}")
+        self.sources = list(sources)
+        self.probabilities = np.asarray(weights, dtype=np.float64) / sum(weights)
+        self.seed, self.stop = seed, stop
+        self._epoch = -1
+
+    def reset(self, initial_state: dict[str, Any] | None = None) -> None:
+        super().reset(initial_state)
+        if initial_state is None:
+            self._epoch, self._draws, self._ended = self._epoch + 1, 0, [False] * len(self.sources)
+            for source in self.sources:
+                source.reset()
+        else:
+            self._epoch, self._draws, self._ended = initial_state["epoch"], initial_state["draws"], initial_state["ended"]
+            for source, state in zip(self.sources, initial_state["sources"]):
+                source.reset(state)
+        self._block = None
+
+    def get_state(self) -> dict[str, Any]:
+        sources = [source.state_dict() for source in self.sources]
+        return {"epoch": self._epoch, "draws": self._draws, "ended": list(self._ended), "sources": sources}
+
+    def next(self) -> dict:
+        while not all(self._ended) and not (self.stop == "first" and any(self._ended)):
+            i = self._choice()
+            if self._ended[i] and self.stop == "all":
+                continue
+            try:
+                item = next(self.sources[i])
+            except StopIteration:
+                self._ended[i] = True
+                if self.stop != "cycle" or all(self._ended):
+                    continue
+                self.sources[i].reset()  # cycle: this stream starts again while others have not ended
+                try:
+                    item = next(self.sources[i])
+                except StopIteration:
+                    continue  # an empty stream
+            name = getattr(self.sources[i], "name", str(i))
+            self.stats[f"items from {name}"] += 1
+            return {**item, "mix": name} if isinstance(item, dict) else item
+        raise StopIteration
+
+    def _choice(self) -> int:
+        block, index = divmod(self._draws, _DRAWS)
+        if self._block is None or self._block[0] != block:
+            rng = np.random.default_rng([self.seed, self._epoch, block])
+            self._block = (block, rng.choice(len(self.sources), size=_DRAWS, p=self.probabilities))
+        self._draws += 1
+        return int(self._block[1][index])

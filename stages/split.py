@@ -1,0 +1,93 @@
+"""``split``: send each document to one branch (``train``, ``validation``, ...) by a stable hash."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+
+from pipeline.registry import register
+from pipeline.stage import Stage
+
+
+def bucket(key: str, seed: int) -> float:
+    """A number in [0, 1) that depends only on ``key`` and ``seed``."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8, person=seed.to_bytes(8, "little", signed=True))
+    return int.from_bytes(digest.digest(), "little") / 2**64
+
+
+@register("split")
+class Split(Stage[dict]):
+    """Tags each document with the branch it belongs to, chosen by a hash of the document.
+
+    Branches are read as ``<stage>.<branch>`` (``split.train``, ``split.validation``): each yields its
+    documents only. A document always lands on the same side, whatever the order, workers or ranks.
+    The hash is of the field ``key``; by default the text, or the file for pieces of a text file
+    (``read_text``), so a file is never cut between branches.
+
+    Args:
+        fractions: branch name -> fraction of documents (they must add up to 1).
+        key: the document field hashed (default: ``source`` for text-file pieces, else ``text``).
+        seed: seed of the hash.
+    """
+
+    in_workers = True
+    consumes = "documents"
+    produces = "documents"  # each with `split`: its branch
+
+    def __init__(self, source, fractions: dict[str, float], key: str | None = None, seed: int = 0):
+        super().__init__()
+        if not fractions or any(isinstance(f, bool) or not isinstance(f, (int, float)) or f < 0 for f in fractions.values()):
+            raise ValueError(f"fractions must map branch names to non-negative numbers, got {fractions!r}")
+        if abs(sum(fractions.values()) - 1) > 1e-9:
+            raise ValueError(f"fractions must add up to 1, got {sum(fractions.values())} ({fractions!r})")
+        self.source = source
+        self.branches = list(fractions)
+        self.edges = np.cumsum(list(fractions.values()))
+        self.key, self.seed = key, seed
+
+    def reset(self, initial_state: dict[str, Any] | None = None) -> None:
+        super().reset(initial_state)
+        self.source.reset(initial_state["source"] if initial_state is not None else None)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"source": self.source.state_dict()}
+
+    def next(self) -> dict:
+        doc = next(self.source)
+        key = self.key or ("source" if "offset" in doc else "text")
+        if key not in doc:
+            raise self.error(f"documents have no field `{key}` to hash (fields: {', '.join(doc)})", doc.get("source"))
+        branch = self.branches[min(int(np.searchsorted(self.edges, bucket(str(doc[key]), self.seed), side="right")), len(self.branches) - 1)]
+        self.stats[f"to {branch}"] += 1
+        return {**doc, "split": branch}
+
+
+class Branch(Stage[dict]):
+    """The documents of one branch of a ``split`` (built for inputs named ``<split>.<branch>``)."""
+
+    type_name = "branch"
+    in_workers = True
+    consumes = produces = "documents"
+
+    def __init__(self, source: Split, branch: str):
+        super().__init__()
+        if branch not in source.branches:
+            raise ValueError(f"split `{source.name}` has no branch `{branch}` (branches: {', '.join(source.branches)})")
+        self.source, self.branch = source, branch
+        self.name = f"{source.name}.{branch}"
+        self.params = {"branch": branch}
+
+    def reset(self, initial_state: dict[str, Any] | None = None) -> None:
+        super().reset(initial_state)
+        self.source.reset(initial_state["source"] if initial_state is not None else None)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"source": self.source.state_dict()}
+
+    def next(self) -> dict:
+        while True:
+            doc = next(self.source)
+            if doc["split"] == self.branch:
+                return doc
