@@ -65,16 +65,18 @@ class Batch(Stage[dict]):
             self._epoch = initial_state["epoch"]
             self._cursor.reset(initial_state["source"])
             self._group_index, taken = initial_state["group"], initial_state["taken"]
-        self._load_group()
-        self._taken = taken
+        self._group_start, self._group, self._taken = self._cursor.state(), None, taken  # the group loads on next()
 
     def get_state(self) -> dict[str, Any]:
         return {"source": self._group_start, "group": self._group_index, "taken": self._taken, "epoch": self._epoch}
 
     def next(self) -> dict:
+        if self._group is None:
+            self._load_group()
         if self._taken >= len(self._group):
             self._group_index += 1
             self._load_group()
+            self._taken = 0
         windows = self._group[self._taken : self._taken + self.batch_size]
         if len(windows) == 0 or (len(windows) < self.batch_size and self.drop_last):
             if len(windows):
@@ -89,7 +91,6 @@ class Batch(Stage[dict]):
 
     def _load_group(self) -> None:
         self._group_start = self._cursor.state()
-        self._taken = 0
         n = min(self._cursor.fill(self.group_size), self.group_size)
         if n == 0:
             self._group = np.empty((0, 0), dtype=np.int32)

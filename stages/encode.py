@@ -145,6 +145,10 @@ class BpeEncode(Stage[dict]):
             out.extend(pieces)
         return out
 
+    def decode(self, ids) -> str:
+        """The text of token ids (for showing windows)."""
+        return self.encoding.decode([int(i) for i in ids])
+
     def _has_special(self, text: str) -> bool:
         return EOT_TEXT in text or any(special in text for special in self.allowed_special)
 

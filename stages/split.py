@@ -28,7 +28,7 @@ class Split(Stage[dict]):
 
     Args:
         fractions: branch name -> fraction of documents (they must add up to 1).
-        key: the document field hashed (default: ``source`` for text-file pieces, else ``text``).
+        key: the document field (or fields) hashed (default: ``source`` for text-file pieces, else ``text``).
         seed: seed of the hash.
     """
 
@@ -36,7 +36,7 @@ class Split(Stage[dict]):
     consumes = "documents"
     produces = "documents"  # each with `split`: its branch
 
-    def __init__(self, source, fractions: dict[str, float], key: str | None = None, seed: int = 0):
+    def __init__(self, source, fractions: dict[str, float], key: str | list[str] | None = None, seed: int = 0):
         super().__init__()
         if not fractions or any(isinstance(f, bool) or not isinstance(f, (int, float)) or f < 0 for f in fractions.values()):
             raise ValueError(f"fractions must map branch names to non-negative numbers, got {fractions!r}")
@@ -45,7 +45,8 @@ class Split(Stage[dict]):
         self.source = source
         self.branches = list(fractions)
         self.edges = np.cumsum(list(fractions.values()))
-        self.key, self.seed = key, seed
+        self.keys = [key] if isinstance(key, str) else key
+        self.seed = seed
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
@@ -56,10 +57,12 @@ class Split(Stage[dict]):
 
     def next(self) -> dict:
         doc = next(self.source)
-        key = self.key or ("source" if "offset" in doc else "text")
-        if key not in doc:
-            raise self.error(f"documents have no field `{key}` to hash (fields: {', '.join(doc)})", doc.get("source"))
-        branch = self.branches[min(int(np.searchsorted(self.edges, bucket(str(doc[key]), self.seed), side="right")), len(self.branches) - 1)]
+        keys = self.keys or ["source" if "offset" in doc else "text"]
+        missing = [k for k in keys if k not in doc]
+        if missing:
+            raise self.error(f"documents have no field `{missing[0]}` to hash (fields: {', '.join(doc)})", doc.get("source"))
+        value = bucket("\x1f".join(str(doc[k]) for k in keys), self.seed)
+        branch = self.branches[min(int(np.searchsorted(self.edges, value, side="right")), len(self.branches) - 1)]
         self.stats[f"to {branch}"] += 1
         return {**doc, "split": branch}
 

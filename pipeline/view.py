@@ -1,0 +1,120 @@
+"""``inspect``: the graph as text, Mermaid and Graphviz; a sample of windows; what flows on each edge."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import apply_overrides, load_config
+from pipeline.graph import Pipeline, check_config
+from pipeline.registry import ConfigError, STAGES, stage_class
+from pipeline.schema import ITEMS, reference_markdown
+from pipeline.stage import upstream_nodes
+
+
+def describe(item: Any) -> str:
+    """A short summary of an item: shapes and dtypes, not walls of numbers."""
+    if isinstance(item, (torch.Tensor, np.ndarray)):
+        return f"{type(item).__module__.split('.')[0]} {str(item.dtype).replace('torch.', '')} {list(item.shape)}"
+    if isinstance(item, str) and len(item) > 40:
+        return f"str of {len(item):,} chars"
+    if isinstance(item, dict):
+        return "{" + ", ".join(f"{key}: {describe(value)}" for key, value in item.items()) + "}"
+    return repr(item)
+
+
+def edges(config: dict) -> list[tuple[str, str, str]]:
+    """(from, to, item kind) for every input reference of the config."""
+    refs = check_config(config)
+    stages = config["stages"]
+    return [(ref, name, stage_class(stages[ref.partition(".")[0]]["type"], ref).produces) for name, names in refs.items() for ref in names]
+
+
+def mermaid(config: dict) -> str:
+    stages = config["stages"]
+    lines = ["flowchart LR"]
+    for name, spec in stages.items():
+        lines.append(f'  {name}["{name}<br/>{spec["type"]}"]')
+    for source, target, kind in edges(config):
+        base, _, branch = source.partition(".")
+        label = f"{branch}: {kind}" if branch else kind
+        lines.append(f"  {base} -->|{label}| {target}")
+    return "\n".join(lines)
+
+
+def dot(config: dict) -> str:
+    lines = ["digraph pipeline {", "  rankdir=LR; node [shape=box, fontname=Helvetica]; edge [fontname=Helvetica, fontsize=10];"]
+    for name, spec in config["stages"].items():
+        lines.append(f'  "{name}" [label="{name}\\n{spec["type"]}"];')
+    for source, target, kind in edges(config):
+        base, _, branch = source.partition(".")
+        lines.append(f'  "{base}" -> "{target}" [label="{branch + ": " if branch else ""}{kind}"];')
+    return "\n".join(lines + ["}"])
+
+
+def shapes(pipe: Pipeline) -> list[tuple[str, str, str]]:
+    """(stage, type, its first item described) for every stage on the output's path, upstream first."""
+    rows = []
+    for node in reversed(upstream_nodes(pipe.root)):
+        if not hasattr(node, "type_name") or node.type_name == "workers":
+            continue
+        probe = Pipeline(pipe.stages, output=node.name) if node.name in pipe.stages else None
+        item = next(iter(probe), None) if probe is not None else None
+        rows.append((node.name, node.type_name, describe(item) if item is not None else "(no items)"))
+    return rows
+
+
+def sample_windows(config: dict, n: int) -> list[str]:
+    """The first ``n`` windows of the config's first window stage, decoded: ``context ---> next token``."""
+    window = next((name for name, spec in config["stages"].items() if spec.get("type") == "sliding_window"), None)
+    if window is None:
+        raise ConfigError("--sample needs a sliding_window stage")
+    pipe = Pipeline.from_config(config, output=window)
+    encoder = next((node for node in upstream_nodes(pipe.root) if hasattr(node, "decode")), None)
+    if encoder is None:
+        raise ConfigError("--sample needs an encode stage that can decode (bpe_encode, word_encode)", window)
+    lines = []
+    for block in pipe:
+        for row in block[: n - len(lines)]:
+            lines.append(f"{encoder.decode(row[:-1])!r} ---> {encoder.decode(row[-1:])!r}")
+        if len(lines) >= n:
+            break
+    return lines
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    config = apply_overrides(load_config(args.config), args.set or [])
+    pipe = Pipeline.from_config(config, output=args.output, rank=args.rank, world_size=args.world_size)
+    print(f"{args.config}: output `{pipe.output}`\n\nstages:")
+    for name, spec in config["stages"].items():
+        params = ", ".join(f"{k}: {v}" for k, v in spec.items() if k not in ("type", "input", "inputs"))
+        print(f"  {name:<12} {spec['type']:<15} {params}")
+    print("\nedges:")
+    for source, target, kind in edges(config):
+        print(f"  {source} -> {target}: {kind} ({ITEMS[kind].split(':')[0]})")
+    print("\nmermaid:\n" + mermaid(config))
+    if args.picture:
+        if shutil.which("dot") is None:
+            raise ConfigError("--picture needs Graphviz's `dot` (apt-get install graphviz); the Mermaid text above draws the same graph")
+        fmt = args.picture.rsplit(".", 1)[-1]
+        subprocess.run(["dot", f"-T{fmt}", "-o", args.picture], input=dot(config), text=True, check=True)
+        print(f"\npicture: {args.picture}")
+    if args.sample:
+        print(f"\nfirst batch at every stage (output `{pipe.output}`):")
+        for name, type_name, text in shapes(pipe):
+            print(f"  {name:<12} {type_name:<15} {text}")
+        print(f"\nfirst {args.sample} windows (context ---> next token):")
+        for line in sample_windows(config, args.sample):
+            print("  " + line)
+    return 0
+
+
+def reference() -> str:
+    import stages as _  # noqa: F401  (registers the stage types)
+
+    return reference_markdown(STAGES)
