@@ -35,7 +35,7 @@ class Cursor:
     def _clear(self) -> None:
         self._arrays: deque[tuple[dict, np.ndarray]] = deque()  # (source state before it, array)
         self._offset = 0  # into _arrays[0]; may run past it (stride > window skips unread elements)
-        self._available = 0  # elements held from _offset on
+        self._held = 0  # elements in _arrays
         self.ended = False
 
     def state(self) -> dict[str, Any]:
@@ -44,7 +44,7 @@ class Cursor:
 
     @property
     def available(self) -> int:
-        return self._available
+        return self._held - self._offset if self._arrays else 0
 
     @property
     def skipping(self) -> int:
@@ -53,7 +53,7 @@ class Cursor:
 
     def fill(self, n: int) -> int:
         """Pull arrays until ``n`` elements are held or the source ends; return how many are held."""
-        while self._available < n and not self.ended:
+        while self.available < n and not self.ended:
             before = self.source.state_dict()
             try:
                 array = self.unpack(next(self.source))
@@ -61,8 +61,9 @@ class Cursor:
                 self.ended = True
                 break
             self._arrays.append((before, array))
+            self._held += len(array)
             self._settle()
-        return self._available
+        return self.available
 
     def peek(self, n: int) -> np.ndarray:
         """The next ``n`` held elements (a view when they lie in one array)."""
@@ -85,5 +86,6 @@ class Cursor:
 
     def _settle(self) -> None:
         while self._arrays and self._offset >= len(self._arrays[0][1]):
-            self._offset -= len(self._arrays.popleft()[1])
-        self._available = sum(len(a) for _, a in self._arrays) - self._offset if self._arrays else 0
+            dropped = len(self._arrays.popleft()[1])
+            self._offset -= dropped
+            self._held -= dropped
