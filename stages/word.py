@@ -108,6 +108,8 @@ class WordEncode(Stage[dict]):
         eot: put ``<|endoftext|>`` between documents.
     """
 
+    consumes = "documents"
+    produces = "tokens"
     in_workers = True  # worth running in DataLoader worker processes (Python-level work)
 
     def __init__(self, source, vocab: str | None = None, build: bool = True, eot: bool = True):
@@ -150,6 +152,10 @@ class WordEncode(Stage[dict]):
                 node.rank, node.world_size = rank, world_size
                 node.set_epoch(0)  # the real pass is epoch 0 (shuffled unit orders depend on it)
         return words
+
+    def decode(self, ids) -> str:
+        """The text of token ids (for showing windows)."""
+        return self.tokenizer.decode(int(i) for i in ids)
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
