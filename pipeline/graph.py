@@ -316,8 +316,14 @@ class Pipeline:
         return {node.name: dict(node.stats) for node in reversed(upstream_nodes(self.root)) if hasattr(node, "stats")}
 
     def __repr__(self) -> str:
-        path = " -> ".join(f"{n.name}:{n.type_name}" for n in reversed(upstream_nodes(self.root)) if hasattr(n, "type_name"))
-        return f"Pipeline({path})"
+        lines = [f"Pipeline(output={self.output!r}, num_workers={self.num_workers})"]
+        for node in reversed(upstream_nodes(self.root)):
+            if hasattr(node, "type_name"):
+                inputs = ", ".join(getattr(n, "name", "?") for n in inputs_of(node))
+                params = node.settings() if hasattr(node, "settings") else ""
+                gives = f" -> {node.produces}" if getattr(node, "produces", None) else ""
+                lines.append(f"  {node.name}: {node.type_name}({params}){' <- ' + inputs if inputs else ''}{gives}")
+        return "\n".join(lines)
 
 
 def _check_consumed_once(root: BaseNode) -> None:

@@ -59,8 +59,17 @@ class Stage(BaseNode[T]):
         where = f"stage '{self.name}'" + (f", file {source}" if source else "") + (f", {record}" if record is not None else "")
         return StageError(f"{where}: {message}", self.name, source, record)
 
+    def settings(self) -> str:
+        """The parameters this stage was built with that differ from their defaults, as ``k=v, ...``."""
+        from pipeline.schema import fields
+
+        defaults = {name: f.default for name, f in fields(type(self)).items()} if hasattr(self, "params") else {}
+        return ", ".join(f"{k}={v!r}" for k, v in getattr(self, "params", {}).items() if defaults.get(k, object()) != v)
+
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} '{self.name}'>"
+        params = self.settings()
+        flow = f"; {self.consumes or 'files'} -> {self.produces}" if self.produces else ""
+        return f"<{type(self).__name__} '{self.name}' {params}{flow}>"
 
 
 def inputs_of(node: BaseNode) -> list[BaseNode]:

@@ -7,25 +7,12 @@ import shutil
 import subprocess
 from typing import Any
 
-import numpy as np
-import torch
-
 from pipeline.config import apply_overrides, load_config
 from pipeline.graph import Pipeline, check_config
+from pipeline.items import describe
 from pipeline.registry import ConfigError, STAGES, stage_class
 from pipeline.schema import ITEMS, reference_markdown
 from pipeline.stage import upstream_nodes
-
-
-def describe(item: Any) -> str:
-    """A short summary of an item: shapes and dtypes, not walls of numbers."""
-    if isinstance(item, (torch.Tensor, np.ndarray)):
-        return f"{type(item).__module__.split('.')[0]} {str(item.dtype).replace('torch.', '')} {list(item.shape)}"
-    if isinstance(item, str) and len(item) > 40:
-        return f"str of {len(item):,} chars"
-    if isinstance(item, dict):
-        return "{" + ", ".join(f"{key}: {describe(value)}" for key, value in item.items()) + "}"
-    return repr(item)
 
 
 def edges(config: dict) -> list[tuple[str, str, str]]:

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from pipeline.cursor import Cursor
+from pipeline.items import BatchDict
 from pipeline.registry import register
 from pipeline.stage import Stage
 
@@ -84,10 +85,10 @@ class Batch(Stage[dict]):
             raise StopIteration
         self._taken += len(windows)
         self.stats["batches"] += 1
-        return {
-            "inputs": torch.from_numpy(np.ascontiguousarray(windows[:, :-1], dtype=np.int64)),
-            "targets": torch.from_numpy(np.ascontiguousarray(windows[:, 1:], dtype=np.int64)),
-        }
+        return BatchDict(
+            inputs=torch.from_numpy(np.ascontiguousarray(windows[:, :-1], dtype=np.int64)),
+            targets=torch.from_numpy(np.ascontiguousarray(windows[:, 1:], dtype=np.int64)),
+        )
 
     def _load_group(self) -> None:
         self._group_start = self._cursor.state()
