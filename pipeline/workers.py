@@ -11,7 +11,6 @@ from torch.utils.data import IterableDataset
 from torchdata.nodes import BaseNode
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from pipeline.shard import ShardedSource
 from pipeline.stage import Stage, upstream_nodes
 
 
@@ -45,7 +44,7 @@ class _NodeDataset(IterableDataset):
     def __iter__(self):
         if self._pending is None:
             for node in upstream_nodes(self.root):
-                if isinstance(node, ShardedSource):
+                if hasattr(node, "set_epoch"):  # readers and mixes draw per epoch
                     node.set_epoch(self.epoch)
         self.root.reset(self._pending)
         self._pending, self._started = None, True

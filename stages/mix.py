@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.registry import register
-from pipeline.stage import Stage
+from pipeline.shard import ShardedSource, resolve_rank, worker_slot
+from pipeline.stage import Stage, upstream_nodes
 
 STOPS = ("first", "all", "cycle")
 _DRAWS = 1024  # choices drawn at a time from a generator seeded by (seed, epoch, block)
@@ -18,8 +19,9 @@ class Mix(Stage[dict]):
     """Interleaves the items of several streams, each next item drawn from stream ``i`` with
     probability ``weights[i]`` (normalized).
 
-    The choices come from generators seeded by ``(seed, epoch, block)``, so the order is a function
-    of the seed, and the state is a position (draws made, streams' states), never data. Each item
+    The choices come from generators seeded by ``(seed, epoch, worker, block)`` (``worker``: the
+    global worker index over ranks and DataLoader workers, so each draws its own sequence): the order
+    is a function of the seed, and the state is a position (draws made, streams' states), never data. Each item
     gains a ``mix`` field: the name of the stream it came from.
 
     Args:
@@ -46,14 +48,20 @@ class Mix(Stage[dict]):
         self.seed, self.stop = seed, stop
         self._epoch = -1
 
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next ``reset()`` start epoch ``epoch`` (for copies in worker processes)."""
+        self._epoch = epoch - 1
+
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
+        readers = [n for n in upstream_nodes(self) if isinstance(n, ShardedSource)]
+        self._worker = worker_slot(readers[0].rank, readers[0].world_size)[0] if readers else worker_slot(*resolve_rank())[0]
         if initial_state is None:
             self._epoch, self._draws, self._ended = self._epoch + 1, 0, [False] * len(self.sources)
             for source in self.sources:
                 source.reset()
         else:
-            self._epoch, self._draws, self._ended = initial_state["epoch"], initial_state["draws"], initial_state["ended"]
+            self._epoch, self._draws, self._ended = initial_state["epoch"], initial_state["draws"], list(initial_state["ended"])
             for source, state in zip(self.sources, initial_state["sources"]):
                 source.reset(state)
         self._block = None
@@ -86,7 +94,7 @@ class Mix(Stage[dict]):
     def _choice(self) -> int:
         block, index = divmod(self._draws, _DRAWS)
         if self._block is None or self._block[0] != block:
-            rng = np.random.default_rng([self.seed, self._epoch, block])
+            rng = np.random.default_rng([self.seed, self._epoch, self._worker, block])
             self._block = (block, rng.choice(len(self.sources), size=_DRAWS, p=self.probabilities))
         self._draws += 1
         return int(self._block[1][index])
