@@ -241,6 +241,9 @@ class Pipeline:
             base, dot, branch = output.partition(".")
             if base not in self.stages:
                 raise ConfigError(f"output `{output}` is not a stage{did_you_mean(output, self.stages)}", field="output")
+            if dot and branch not in getattr(self.stages[base], "branches", []):
+                branches = getattr(self.stages[base], "branches", [])
+                raise ConfigError(f"output `{output}`: `{base}` has no branch `{branch}`{did_you_mean(branch, branches)}", field="output")
             root = _node(output, self.stages.__getitem__) if dot else self.stages[base]
         self.output = getattr(root, "name", output)
         _check_consumed_once(root)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.items import BatchDict
 from pipeline.registry import register
 from pipeline.stage import Stage
 
@@ -92,7 +93,10 @@ def load_weights(module: nn.Module, path: str | os.PathLike) -> None:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device {device!r}: {e}") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: CUDA is not available on this machine (use auto or cpu)")
     return resolved
@@ -121,6 +125,9 @@ class Embed(Stage[dict]):
         weights: a state dict file (``torch.save``) to load the tables from, e.g. a trained model's.
         prefetch: fetch one batch ahead (default: on a GPU only; on the CPU it only reads ahead).
     """
+
+    consumes = "batches"
+    produces = "batches"  # with `embeddings`, on the device
 
     def __init__(
         self,
@@ -187,14 +194,16 @@ class Embed(Stage[dict]):
 
     def _fetch(self) -> dict:
         """The source's next batch, checked, its tensors on their way to the device."""
-        batch = dict(next(self.source))
+        batch = BatchDict(next(self.source))
         inputs = batch["inputs"]
         top = int(inputs.max()) if inputs.numel() else -1
         if top >= self.vocab_size:
             raise self.error(f"token id {top} is outside the token table (vocab_size {self.vocab_size})")
         if self._stream is not None:
             with torch.cuda.stream(self._stream):
-                batch = {k: v.pin_memory().to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                batch = BatchDict(
+                    {k: v.pin_memory().to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                )
         return batch
 
     def _embed(self, batch: dict) -> dict:

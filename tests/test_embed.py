@@ -19,7 +19,8 @@ VOCAB, D, T = 50, 6, 5
 def batches(n: int, seed: int = 0, vocab: int = VOCAB) -> list[dict]:
     """``n`` batches of 3 windows of ``T`` ids below ``vocab``."""
     g = torch.Generator().manual_seed(seed)
-    return [{"inputs": torch.randint(0, vocab, (3, T), generator=g), "targets": torch.randint(0, vocab, (3, T), generator=g)} for _ in range(n)]
+    ids = lambda: torch.randint(0, vocab, (3, T), generator=g)  # noqa: E731
+    return [{"inputs": ids(), "targets": ids()} for _ in range(n)]
 
 
 def embed(items: list[dict], **fields) -> Embed:
@@ -126,7 +127,8 @@ def test_weights_and_prefetch_in_a_config(tmp_path, verdict_path):
         "encode": {"type": "bpe_encode", "input": "read"},
         "window": {"type": "sliding_window", "input": "encode", "max_length": 4, "stride": 4},
         "batch": {"type": "batch", "input": "window", "batch_size": 8},
-        "embed": {"type": "embed", "input": "batch", "vocab_size": 50257, "d_model": 8, "context_length": 4, "weights": str(path), "prefetch": True},
+        "embed": {"type": "embed", "input": "batch", "vocab_size": 50257, "d_model": 8, "context_length": 4,
+                  "weights": str(path), "prefetch": True},
     }
     pipe = Pipeline.from_config({"stages": stages})
     assert torch.equal(pipe.embedding.tok_emb.weight, trained.tok_emb.weight)
@@ -213,8 +215,9 @@ def test_prefetch_reads_one_batch_ahead_and_its_state_is_after_the_batch_returne
 
 
 def test_prefetch_resumes_exactly(verdict_path):
-    reference = check_resume(lambda: verdict_node(verdict_path, prefetch=True), project=lambda b: {k: b[k] for k in ("inputs", "targets")})
-    plain = [{k: b[k] for k in ("inputs", "targets")} for b in Loader(verdict_node(verdict_path, prefetch=False))]
+    data = lambda b: {k: b[k] for k in ("inputs", "targets")}  # noqa: E731
+    reference = check_resume(lambda: verdict_node(verdict_path, prefetch=True), project=data)
+    plain = [data(b) for b in Loader(verdict_node(verdict_path, prefetch=False))]
     assert len(reference) == len(plain) == 160
     assert all(torch.equal(a["inputs"], b["inputs"]) for a, b in zip(reference, plain))
 
@@ -254,4 +257,5 @@ def test_on_cuda_batches_come_prefetched_and_exact(verdict_path):
         assert torch.equal(a["inputs"].cpu(), b["inputs"]) and torch.equal(a["targets"].cpu(), b["targets"])
         torch.testing.assert_close(a["embeddings"].cpu(), b["embeddings"])
         assert gpu.source.stats["batches"] == k + 1 and gpu.state_dict() == cpu.state_dict()
-    check_resume(lambda: verdict_node(verdict_path, prefetch=None, device="cuda"), project=lambda b: {k: b[k].cpu() for k in ("inputs", "targets")})
+    data = lambda b: {k: b[k].cpu() for k in ("inputs", "targets")}  # noqa: E731
+    check_resume(lambda: verdict_node(verdict_path, prefetch=None, device="cuda"), project=data)
