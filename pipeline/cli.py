@@ -39,9 +39,18 @@ def run(args: argparse.Namespace) -> int:
         if args.checkpoint:
             save_json(args.checkpoint, {"pipeline": pipe.state_dict(), "batches": batches})
 
-    start, first, interrupted = time.perf_counter(), None, False
+    start, first = time.perf_counter(), None
     shapes: dict[str, tuple] = {}
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # A first Ctrl-C or SIGTERM stops after the batch in hand, so the checkpoint is a clean position;
+    # a second one stops at once, without a checkpoint.
+    stop: list[int] = []
+
+    def request_stop(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for batch in pipe:
             first = time.perf_counter() - start if first is None else first
@@ -53,12 +62,14 @@ def run(args: argparse.Namespace) -> int:
             if args.checkpoint and batches % args.checkpoint_every == 0:
                 checkpoint()
             progress.update(batches)
-            if args.max_batches is not None and batches >= args.max_batches:
+            if stop or (args.max_batches is not None and batches >= args.max_batches):
                 break
     except KeyboardInterrupt:
-        interrupted = True
+        print("interrupted twice: no checkpoint written", file=sys.stderr)
+        return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         progress.close()
         if trace is not None:
             trace.close()
@@ -70,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"time: {elapsed:.3f} s, first batch after {first or 0:.3f} s; {tokens / elapsed / 1e6:.2f} M tokens/s encoded")
     if args.checkpoint:
         print(f"checkpoint: {args.checkpoint} (after batch {batches:,})")
-    if interrupted:
-        print("interrupted", file=sys.stderr)
+    if stop:
+        print(f"stopped by signal {stop[0]} after batch {batches:,}", file=sys.stderr)
         return 130
     return 0
 
@@ -122,10 +133,6 @@ def summary(pipe: Pipeline, elapsed: float) -> str:
     return "\n" + "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows)
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _digest(batch) -> str:
     """A short hash of a batch's token ids (or of the item), for traces."""
     data = batch["inputs"].numpy().tobytes() if isinstance(batch, dict) and "inputs" in batch else repr(batch).encode()
@@ -164,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     add_pipeline_args(p)
     p.add_argument("--max-batches", type=int, default=200, help="batches of the whole pipeline measured (default 200)")
     p.set_defaults(handler=bench.bench_command)
+    from pipeline import prepare
+
+    prepare.add_parser(commands)  # prepare: token shards for read_tokens
     p = commands.add_parser("reference", help="print the stage reference (Markdown), as in the README")
     p.set_defaults(handler=lambda args: print(view.reference()) or 0)
     args = parser.parse_args(argv)
