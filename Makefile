@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean reference
 
 # The CPU build of torch, pinned: a plain `pip install torch` may pull a multi-GB CUDA build.
 $(BIN)/.installed: pyproject.toml constraints.txt
@@ -24,3 +24,6 @@ bench: $(BIN)/.installed
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
+
+reference: $(BIN)/.installed
+	$(BIN)/python -c "from pipeline.view import write_reference; write_reference('README.md')"

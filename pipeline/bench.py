@@ -42,7 +42,7 @@ def bench_command(args: argparse.Namespace) -> int:
     items_by_node: dict[int, list] = {}
     rows = []
     for node in nodes:
-        if node.name in pipe.stages:
+        if node.name.partition(".")[0] in pipe.stages:
             items_by_node[id(node)] = _take(Pipeline(pipe.stages, output=node.name), counts[id(node)])
         seconds = alone(node, items_by_node) if inputs_of(node) else _time(pipe, node, counts[id(node)])
         rows.append((node, seconds))

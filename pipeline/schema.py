@@ -122,6 +122,7 @@ def reference_markdown(stages: dict[str, type]) -> str:
         )
         for f in fields(cls).values():
             default = "required" if f.required else f"`{f.default!r}`"
-            parts[-1] += f"\n| `{f.name}` | `{f.type_text()}` | {default} | {f.description} |"
+            cells = [f"`{f.name}`", f"`{f.type_text()}`", default, f.description]
+            parts[-1] += "\n| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
     kinds = "\n".join(f"- **{kind}**: {text}" for kind, text in ITEMS.items())
     return f"Items on the edges:\n\n{kinds}\n\n" + "\n\n".join(parts) + "\n"

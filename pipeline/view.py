@@ -50,23 +50,25 @@ def shapes(pipe: Pipeline) -> list[tuple[str, str, str]]:
     for node in reversed(upstream_nodes(pipe.root)):
         if not hasattr(node, "type_name") or node.type_name == "workers":
             continue
-        probe = Pipeline(pipe.stages, output=node.name) if node.name in pipe.stages else None
+        probe = Pipeline(pipe.stages, output=node.name) if node.name.partition(".")[0] in pipe.stages else None
         item = next(iter(probe), None) if probe is not None else None
         rows.append((node.name, node.type_name, describe(item) if item is not None else "(no items)"))
     return rows
 
 
-def sample_windows(config: dict, n: int) -> list[str]:
-    """The first ``n`` windows of the config's first window stage, decoded: ``context ---> next token``."""
-    window = next((name for name, spec in config["stages"].items() if spec.get("type") == "sliding_window"), None)
-    if window is None:
+def sample_windows(pipe: Pipeline, config: dict, n: int) -> list[str]:
+    """The first ``n`` windows of the window stage on the output's path (else the config's first),
+    decoded: ``context ---> next token``."""
+    on_path = [node.name for node in upstream_nodes(pipe.root) if getattr(node, "type_name", None) == "sliding_window"]
+    in_config = [name for name, spec in config["stages"].items() if spec.get("type") == "sliding_window"]
+    if not on_path and not in_config:
         raise ConfigError("--sample needs a sliding_window stage")
-    pipe = Pipeline.from_config(config, output=window)
-    encoder = next((node for node in upstream_nodes(pipe.root) if hasattr(node, "decode")), None)
+    window = Pipeline(pipe.stages, output=(on_path or in_config)[0])
+    encoder = next((node for node in upstream_nodes(window.root) if hasattr(node, "decode")), None)
     if encoder is None:
-        raise ConfigError("--sample needs an encode stage that can decode (bpe_encode, word_encode)", window)
-    lines = []
-    for block in pipe:
+        raise ConfigError("--sample needs an encode stage that can decode (bpe_encode, word_encode)", window.output)
+    lines: list[str] = []
+    for block in window:
         for row in block[: n - len(lines)]:
             lines.append(f"{encoder.decode(row[:-1])!r} ---> {encoder.decode(row[-1:])!r}")
         if len(lines) >= n:
@@ -96,7 +98,7 @@ def inspect_command(args: argparse.Namespace) -> int:
         for name, type_name, text in shapes(pipe):
             print(f"  {name:<12} {type_name:<15} {text}")
         print(f"\nfirst {args.sample} windows (context ---> next token):")
-        for line in sample_windows(config, args.sample):
+        for line in sample_windows(pipe, config, args.sample):
             print("  " + line)
     return 0
 
@@ -105,3 +107,16 @@ def reference() -> str:
     import stages as _  # noqa: F401  (registers the stage types)
 
     return reference_markdown(STAGES)
+
+
+START, END = "<!-- reference:start -->", "<!-- reference:end -->"
+
+
+def write_reference(readme: str = "README.md") -> None:
+    """Replace the README's section between the reference markers with ``reference()``."""
+    with open(readme, encoding="utf-8") as f:
+        text = f.read()
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    with open(readme, "w", encoding="utf-8") as f:
+        f.write(f"{head}{START}\n{reference()}{END}{tail}")

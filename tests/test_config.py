@@ -333,11 +333,7 @@ def test_an_encoding_whose_file_is_not_available(corpus, no_reading, tmp_path, m
     assert "`encode`" in str(error) and "cl100k_base.tiktoken" in str(error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an output naming a branch a split does not have (`split.trian`) raises a plain ValueError "
-    "from Branch, not a ConfigError naming `output` with the near miss",
-)
 def test_output_naming_no_branch(corpus, no_reading):
     error = config_error(fan_graph(corpus), output="split.trian")
     assert "split.trian" in str(error) and "output" in str(error) and "did you mean `train`" in str(error)
+    assert error.field == "output"
