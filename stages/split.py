@@ -40,6 +40,8 @@ class Split(Stage[dict]):
         super().__init__()
         if not fractions or any(isinstance(f, bool) or not isinstance(f, (int, float)) or f < 0 for f in fractions.values()):
             raise ValueError(f"fractions must map branch names to non-negative numbers, got {fractions!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an integer, got {seed!r}")
         if abs(sum(fractions.values()) - 1) > 1e-9:
             raise ValueError(f"fractions must add up to 1, got {sum(fractions.values())} ({fractions!r})")
         self.source = source

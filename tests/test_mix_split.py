@@ -421,3 +421,8 @@ def test_ranks_draw_independently(tmp_path):
     n = min(map(len, ranks)) - 50  # before either rank's streams run low
     agree = sum(x == y for x, y in zip(ranks[0][:n], ranks[1][:n]))
     assert within(agree, n, 0.5), f"ranks drew the same stream at {agree} of {n} steps"
+
+
+def test_split_checks_its_seed_when_built():
+    with pytest.raises((TypeError, ValueError), match="seed"):
+        Split(IterableWrapper(documents(3)), fractions=FRACTIONS, seed=1.5)
