@@ -72,6 +72,17 @@ class Stage(BaseNode[T]):
         return f"<{type(self).__name__} '{self.name}' {params}{flow}>"
 
 
+class PassThrough(Stage[T]):
+    """A stage that gives at most one item per item in: its state is its source's state."""
+
+    def reset(self, initial_state: dict[str, Any] | None = None) -> None:
+        super().reset(initial_state)
+        self.source.reset(initial_state["source"] if initial_state is not None else None)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"source": self.source.state_dict()}
+
+
 def inputs_of(node: BaseNode) -> list[BaseNode]:
     """The stages ``node`` reads from: its ``source``, or its ``sources`` (fan-in)."""
     if getattr(node, "source", None) is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
-from typing import Any
 
 from pipeline.config import apply_overrides, load_config
 from pipeline.graph import Pipeline, check_config

@@ -10,6 +10,7 @@ import numpy as np
 
 from pipeline.registry import register
 from pipeline.stage import Stage
+from stages.documents import Separators
 from stages.encoding import EOT_TEXT, load_encoding
 
 
@@ -54,13 +55,14 @@ class BpeEncode(Stage[dict]):
             raise ValueError(f"batch_bytes must be a positive integer, got {batch_bytes!r}")
         self.source = source
         self.encoding = load_encoding(encoding, encoding_files)
-        self.eot = eot
         special = self.encoding.special_tokens_set
         self.allowed_special = special if allowed_special == "all" else set(allowed_special)
         if not self.allowed_special <= special:
             raise ValueError(f"allowed_special {sorted(self.allowed_special - special)} not in encoding `{encoding}` ({sorted(special)})")
         self.eot_id = self.encoding.eot_token
         self.vocab_size = self.encoding.n_vocab  # ids it can produce, checked against an embed's table
+        self.eot = eot
+        self._separators = Separators(self.eot_id, eot)
         self.num_threads = num_threads
         self.batch_bytes = batch_bytes
         self._pool: ThreadPoolExecutor | None = None
@@ -70,26 +72,19 @@ class BpeEncode(Stage[dict]):
         self._pending: deque[tuple[dict, dict, np.ndarray]] = deque()  # (source state before, doc, ids)
         if initial_state is None:
             self.source.reset()
-            self._previous = None  # [source, end] of the last item, to tell a continuation
         else:
             self.source.reset(initial_state["source"])
-            self._previous = initial_state["previous"]
+        self._separators.previous = initial_state["previous"] if initial_state is not None else None
 
     def get_state(self) -> dict[str, Any]:
         head = self._pending[0][0] if self._pending else self.source.state_dict()
-        return {"source": head, "previous": self._previous}
+        return {"source": head, "previous": self._separators.previous}
 
     def next(self) -> dict:
         if not self._pending:
             self._encode_next_batch()
         _, doc, ids = self._pending.popleft()
-        continues = self._previous is not None and [doc.get("source"), doc.get("offset")] == self._previous
-        if self.eot and self._previous is not None and not continues:
-            ids = np.concatenate([np.array([self.eot_id], dtype=np.int32), ids])
-        self._previous = [doc.get("source"), doc.get("end", -1)]
-        self.stats["documents"] += not continues
-        self.stats["tokens"] += len(ids)
-        return {"ids": ids, **{k: v for k, v in doc.items() if k != "text"}}
+        return self._separators.item(doc, ids, self.stats)
 
     def _encode_next_batch(self) -> None:
         docs, states, size = [], [], 0

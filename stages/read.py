@@ -7,7 +7,6 @@ import glob
 import os
 import re
 import threading
-from typing import Any
 
 from pipeline.registry import register
 from pipeline.shard import ShardedSource

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any
-
 import numpy as np
 
 from pipeline.registry import register
-from pipeline.stage import Stage
+from pipeline.stage import PassThrough
 
 
 def bucket(key: str, seed: int) -> float:
@@ -18,7 +16,7 @@ def bucket(key: str, seed: int) -> float:
 
 
 @register("split")
-class Split(Stage[dict]):
+class Split(PassThrough[dict]):
     """Tags each document with the branch it belongs to, chosen by a hash of the document.
 
     Branches are read as ``<stage>.<branch>`` (``split.train``, ``split.validation``): each yields its
@@ -50,13 +48,6 @@ class Split(Stage[dict]):
         self.keys = [key] if isinstance(key, str) else key
         self.seed = seed
 
-    def reset(self, initial_state: dict[str, Any] | None = None) -> None:
-        super().reset(initial_state)
-        self.source.reset(initial_state["source"] if initial_state is not None else None)
-
-    def get_state(self) -> dict[str, Any]:
-        return {"source": self.source.state_dict()}
-
     def next(self) -> dict:
         doc = next(self.source)
         keys = self.keys or ["source" if "offset" in doc else "text"]
@@ -69,7 +60,7 @@ class Split(Stage[dict]):
         return {**doc, "split": branch}
 
 
-class Branch(Stage[dict]):
+class Branch(PassThrough[dict]):
     """The documents of one branch of a ``split`` (built for inputs named ``<split>.<branch>``)."""
 
     type_name = "branch"
@@ -83,13 +74,6 @@ class Branch(Stage[dict]):
         self.source, self.branch = source, branch
         self.name = f"{source.name}.{branch}"
         self.params = {"branch": branch}
-
-    def reset(self, initial_state: dict[str, Any] | None = None) -> None:
-        super().reset(initial_state)
-        self.source.reset(initial_state["source"] if initial_state is not None else None)
-
-    def get_state(self) -> dict[str, Any]:
-        return {"source": self.source.state_dict()}
 
     def next(self) -> dict:
         while True:

@@ -13,6 +13,7 @@ import numpy as np
 from pipeline.registry import register
 from pipeline.shard import ShardedSource
 from pipeline.stage import Stage, upstream_nodes
+from stages.documents import Separators
 
 SPLIT = re.compile(r'([,.:;?_!"()\']|--|\s)')
 SPACE_BEFORE_PUNCTUATION = re.compile(r'\s+([,.?!"()\'])')
@@ -120,7 +121,6 @@ class WordEncode(Stage[dict]):
             if not isinstance(value, bool):
                 raise ValueError(f"{field} must be true or false, got {value!r}")
         self.source = source
-        self.eot = eot
         self.vocab_path = None if vocab is None else os.fspath(vocab)
         if self.vocab_path is not None and os.path.isfile(self.vocab_path):
             self.tokenizer = WordTokenizer.load(self.vocab_path)
@@ -135,6 +135,7 @@ class WordEncode(Stage[dict]):
                 self.tokenizer.save(self.vocab_path)
         self.vocab_size = len(self.tokenizer)  # rows the embed stage's token table needs
         self.eot_id = self.tokenizer.eot_id
+        self._separators = Separators(self.eot_id, eot)
 
     def _corpus_words(self) -> set[str]:
         """The distinct words of the whole corpus, in one pass with the readers lent rank 0 of 1."""
@@ -161,7 +162,7 @@ class WordEncode(Stage[dict]):
         super().reset(initial_state)
         if initial_state is None:
             self.source.reset()
-            self._previous = None  # [source, end] of the last item, to tell a continuation
+            self._separators.previous = None
             return
         if initial_state["vocab_size"] != self.vocab_size:
             raise ValueError(
@@ -169,24 +170,18 @@ class WordEncode(Stage[dict]):
                 f"this stage has {self.vocab_size}"
             )
         self.source.reset(initial_state["source"])
-        self._previous = initial_state["previous"]
+        self._separators.previous = initial_state["previous"]
 
     def get_state(self) -> dict[str, Any]:
-        return {"source": self.source.state_dict(), "previous": self._previous, "vocab_size": self.vocab_size}
+        return {"source": self.source.state_dict(), "previous": self._separators.previous, "vocab_size": self.vocab_size}
 
     def next(self) -> dict:
         doc = next(self.source)
         ids = np.array(self.tokenizer.encode(self._text(doc)), dtype=np.int32)
         unknown = int(np.count_nonzero(ids == self.tokenizer.unk_id))
-        continues = self._previous is not None and [doc.get("source"), doc.get("offset")] == self._previous
-        if self.eot and self._previous is not None and not continues:
-            ids = np.concatenate([np.array([self.eot_id], dtype=np.int32), ids])
-        self._previous = [doc.get("source"), doc.get("end", -1)]
-        self.stats["documents"] += not continues
-        self.stats["tokens"] += len(ids)
         if unknown:
             self.stats["unknown words"] += unknown
-        return {"ids": ids, **{k: v for k, v in doc.items() if k != "text"}}
+        return self._separators.item(doc, ids, self.stats)
 
     def _text(self, doc: Any) -> str:
         text = doc.get("text") if isinstance(doc, dict) else None
