@@ -13,10 +13,15 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
+# The tests also run the Ray engine of `prepare` (an optional extra for users).
+$(BIN)/.installed-ray: $(BIN)/.installed
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,ray]'
+	touch $@
+
 demo: $(BIN)/.installed
 	$(BIN)/python -m pipeline run examples/demo.yaml
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed-ray
 	$(BIN)/python -m pytest -q
 
 bench: $(BIN)/.installed

@@ -8,6 +8,7 @@ from stages.encoding import load_encoding
 from stages.mix import Mix
 from stages.read import ReadText
 from stages.split import Split
+from stages.tokens import ReadTokens
 from stages.window import SlidingWindow
 from stages.word import WordEncode
 
@@ -19,6 +20,7 @@ __all__ = [
     "Mix",
     "ReadArrow",
     "ReadText",
+    "ReadTokens",
     "SlidingWindow",
     "Split",
     "WordEncode",
