@@ -133,4 +133,13 @@ class ReadArrow(ShardedSource, Stage[dict]):
         except (pa.ArrowException, OSError) as e:
             raise self.error(f"cannot read this shard ({e})", file.path, f"shard {index}") from None
         names = self.columns if self.columns is not None else [n for n in batch.schema.names if n != self.column]
-        self._rows = batch.column(self.column).to_pylist(), {n: batch.column(n).to_pylist() for n in names}
+        try:
+            self._rows = batch.column(self.column).to_pylist(), {n: batch.column(n).to_pylist() for n in names}
+        except UnicodeDecodeError:  # Arrow does not check UTF-8 on read: find the row
+            for name in [self.column, *names]:
+                for row, value in enumerate(batch.column(name)):
+                    try:
+                        value.as_py()
+                    except UnicodeDecodeError as e:
+                        raise self.error(f"invalid UTF-8 in column `{name}` ({e.reason})", file.path, f"shard {index}, row {row}") from None
+            raise

@@ -104,7 +104,12 @@ class BpeEncode(Stage[dict]):
             size += len(text)
         if not docs:
             raise StopIteration
-        ids = self._encode([d["text"] for d in docs])
+        try:
+            ids = self._encode([d["text"] for d in docs])
+        except UnicodeEncodeError as e:  # a lone surrogate: such a str has no UTF-8 to encode
+            bad = next(d for d in docs if not _is_utf8(d["text"]))
+            where = f"record {bad['record']}" if "record" in bad else f"byte {bad['offset']}" if "offset" in bad else None
+            raise self.error(f"text is not valid Unicode ({e.reason}, character {e.object[e.start:e.end]!r})", bad.get("source"), where) from None
         self._pending.extend(zip(states, docs, ids))
 
     def _encode(self, texts: list[str]) -> list[np.ndarray]:
@@ -150,3 +155,11 @@ class BpeEncode(Stage[dict]):
     def _encode_one(self, text: str) -> np.ndarray:
         ids = self.encoding.encode_to_numpy(text, allowed_special=self.allowed_special, disallowed_special=())
         return ids.astype(np.int32)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
