@@ -270,7 +270,23 @@ class Pipeline:
         return cls(built, output=output if output is not None else spec.get("output"), **loader)
 
     def __iter__(self) -> Iterator[Any]:
-        return iter(self.loader)
+        return _Iteration(self)
+
+    def close(self) -> None:
+        """Stop worker processes now (also done when the pipeline is deleted or leaves a ``with``)."""
+        for node in upstream_nodes(self.root):
+            if isinstance(node, Workers):
+                node.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if "root" in self.__dict__:
+            self.close()
 
     @property
     def embedding(self):
@@ -327,6 +343,20 @@ class Pipeline:
                 gives = f" -> {node.produces}" if getattr(node, "produces", None) else ""
                 lines.append(f"  {node.name}: {node.type_name}({params}){' <- ' + inputs if inputs else ''}{gives}")
         return "\n".join(lines)
+
+
+class _Iteration:
+    """One pass over a pipeline's loader; it holds the pipeline, whose deletion stops the workers."""
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+        self._iterator = iter(pipeline.loader)
+
+    def __iter__(self) -> _Iteration:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._iterator)
 
 
 def _check_consumed_once(root: BaseNode) -> None:

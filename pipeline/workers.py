@@ -112,6 +112,7 @@ class Workers(Stage):
             self._epoch = initial_state["epoch"]
             self._loader.load_state_dict(initial_state["loader"])
         self._dataset.epoch = self._epoch
+        self._closed = False
         # Forked workers inherit the parent's uncollected garbage; an old loader iterator collected
         # there would try to shut down workers that are not its children. Collect it here first.
         gc.collect()
@@ -120,7 +121,21 @@ class Workers(Stage):
     def get_state(self) -> dict[str, Any]:
         return {"loader": self._loader.state_dict(), "epoch": self._epoch}
 
+    def close(self) -> None:
+        """Stop this epoch's worker processes now.
+
+        Left to the garbage collector, a loader caught in a reference cycle (torchdata's Loader and
+        its iterator form one) has its queues finalized before its iterator, so the workers never
+        hear the stop signal and each is killed after a 5 s timeout. Called by ``Pipeline.close``.
+        """
+        iterator = getattr(self, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):  # torch's own shutdown, called early
+            iterator._shutdown_workers()
+        self._closed = True
+
     def next(self) -> Any:
+        if getattr(self, "_closed", False):  # the workers were stopped: ending quietly would lose data
+            raise RuntimeError(f"stage '{self.name}': the pipeline was closed; iterate it again to start a new pass")
         chain = upstream_nodes(self.source)
         while True:
             item, delta = next(self._iterator)
