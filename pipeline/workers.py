@@ -138,7 +138,13 @@ class Workers(Stage):
             raise RuntimeError(f"stage '{self.name}': the pipeline was closed; iterate it again to start a new pass")
         chain = upstream_nodes(self.source)
         while True:
-            item, delta = next(self._iterator)
+            try:
+                item, delta = next(self._iterator)
+            except StopIteration:
+                raise
+            except Exception:
+                self.close()  # a worker failed: stop the others now, not when a traceback lets go of them
+                raise
             for node, gained in zip(chain, delta):  # the workers' counters, summed on the main copies
                 if hasattr(node, "stats"):
                     node.stats.update(gained)

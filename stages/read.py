@@ -193,19 +193,23 @@ class ReadText(ShardedSource, Stage[dict]):
         return min(max(offset, 0), self._size)
 
     def _read_piece(self, path: str, position: int, end: int) -> bytes:
-        """Bytes from ``position`` up to a safe cut (or ``end``)."""
+        """Bytes from ``position`` up to a safe cut (or ``end``); a long word is read on, chunk by chunk."""
         handle = self._handle
         handle.seek(position)
-        buf = handle.read(min(self.chunk_bytes, end - position))
-        while position + len(buf) < end:
-            cut = safe_cut(buf, start=max(1, len(buf) - self.chunk_bytes))
+        chunks: list[bytes] = []
+        read = 0
+        while True:
+            chunk = handle.read(min(self.chunk_bytes, end - position - read))
+            if not chunk:
+                raise self.error(f"file shrank while being read (expected {self._size} bytes)", path, f"byte {position + read}")
+            if position + read + len(chunk) >= end:
+                return b"".join(chunks + [chunk])
+            tail = chunks[-1][-4:] if chunks else b""  # the character before a cut may start in the previous chunk
+            cut = safe_cut(tail + chunk, start=max(1, len(tail)))
             if cut > 0:
-                return buf[:cut]
-            more = handle.read(min(self.chunk_bytes, end - position - len(buf)))  # a very long word: read on
-            if not more:
-                raise self.error(f"file shrank while being read (expected {self._size} bytes)", path, f"byte {position + len(buf)}")
-            buf += more
-        return buf
+                return b"".join(chunks + [chunk[: cut - len(tail)]])
+            chunks.append(chunk)  # no cut point in this chunk: search only the next one
+            read += len(chunk)
 
     def _open(self, path: str) -> None:
         try:
