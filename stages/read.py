@@ -182,15 +182,23 @@ class ReadText(ShardedSource, Stage[dict]):
 
     def _snap(self, offset: int) -> int:
         """The first safe cut at or after ``offset`` (0 and the file's end stay), so neighbouring units meet."""
+        key = (self._handle.name, offset)
+        scanned = getattr(self, "_scanned", None)  # (file, from, cut): every offset in between snaps to cut
+        if scanned is not None and scanned[0] == key[0] and scanned[1] <= offset <= scanned[2]:
+            return scanned[2]
+        start = offset
         while 0 < offset < self._size:
             base = max(0, offset - 4)  # the character before a cut may start up to 3 bytes earlier
             self._handle.seek(base)
             buf = self._handle.read(offset - base + self.chunk_bytes)
             found = next_cut(buf, offset - base)
             if found >= 0:
-                return base + found
+                offset = base + found
+                break
             offset = base + len(buf) if buf else self._size
-        return min(max(offset, 0), self._size)
+        offset = min(max(offset, 0), self._size)
+        self._scanned = (key[0], start, offset)  # units inside one long word need not scan it again
+        return offset
 
     def _read_piece(self, path: str, position: int, end: int) -> bytes:
         """Bytes from ``position`` up to a safe cut (or ``end``); a long word is read on, chunk by chunk."""

@@ -163,13 +163,14 @@ def test_killed_worker_is_an_error_naming_it_not_a_hang(tmp_path):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("when", ["mid-epoch", "after-a-worker-error"])
 def test_dropping_a_pipeline_stops_and_reaps_its_workers_promptly(tmp_path, when):
-    """Found by this suite; mid-epoch fixed (``Pipeline.__del__`` -> ``Workers.close``). When only the
-    cycle collector frees the StatefulDataLoader iterator, it finalizes the iterator's index queues
-    first (weakref callbacks run before ``__del__``), torch's shutdown ``None`` never reaches the
-    workers, each ``join(timeout=5)`` expires (gc.collect() blocks 5 s per live worker) and the workers
-    are SIGTERMed and never reaped (zombies). After a worker error that is still the case: torch's
-    ``ExceptionWrapper.reraise`` leaves the exception in a reference cycle with its traceback, whose
-    frames hold the pipeline, so ``Pipeline.__del__`` runs inside the cycle collection, too late."""
+    """Found by this suite, then fixed (``Pipeline.__del__`` and ``Workers.close``; after a worker error
+    ``Workers.next`` closes at once). Before: the Loader and its iterator form a reference cycle, so only
+    the cycle collector freed the StatefulDataLoader iterator, and it finalized the iterator's index
+    queues first (weakref callbacks run before ``__del__``): torch's shutdown ``None`` never reached the
+    workers, each ``join(timeout=5)`` expired (gc.collect() blocked 5 s per live worker) and the workers
+    were SIGTERMed and never reaped (zombies). After a worker error torch's ``ExceptionWrapper.reraise``
+    leaves the exception in a cycle with its traceback, whose frames hold the pipeline, so even
+    ``Pipeline.__del__`` ran inside the cycle collection, too late."""
     good = tmp_path / "a.txt"
     good.write_text(LINE * 10_000)
     paths = [good]

@@ -29,7 +29,7 @@ from stages.encoding import load_encoding
 ENC = load_encoding("gpt2")
 EOT = ENC.eot_token  # 50256
 EOT_TEXT = "<|endoftext|>"
-FUZZ = settings(max_examples=80, deadline=timedelta(seconds=5), suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(max_examples=300, deadline=timedelta(seconds=5), suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 INVALID = [
     b"\xff", b"\xfe", b"\x80", b"\xbf\xbf",  # bytes that never start a character; stray continuations
@@ -222,22 +222,42 @@ def test_a_4mb_word_streams_in_bounded_memory(tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_reading_a_long_word_takes_time_linear_in_its_length(tmp_path):
-    """4x the word should take about 4x the time; it takes ~20x (a 256 MB word: 17 s, so 1 GB: ~5 min).
-
-    Each further chunk of a word longer than ``chunk_bytes`` is appended to the bytes read so far
-    (``buf += more``), copying them all again: O(n^2 / chunk_bytes)."""
+def test_a_64mb_word_in_4k_chunks_reads_in_linear_time(tmp_path):
+    """Found by this suite, then fixed: each further chunk of a word longer than ``chunk_bytes`` was
+    appended to the bytes read so far (``buf += more``), copying them all again: O(n^2 / chunk_bytes),
+    a 256 MB word took 17 s at the default 1 MiB chunks (1 GB: ~5 min) and 4x the word ~20x the time.
+    Linear, this read takes ~0.1-0.3 s; quadratic, it would copy ~500 GB. (Ratios of small timings
+    proved too noisy to test: caches make 4x the bytes cost 4-10x even when linear.)"""
     import time
 
-    def seconds(n: int) -> float:
-        path = tmp_path / f"word-{n}.txt"
-        path.write_bytes(b"abcdefgh" * (n // 8))
-        best = float("inf")
-        for _ in range(3):
-            start = time.perf_counter()
-            assert sum(len(p["text"]) for p in Loader(ReadText(str(path), chunk_bytes=4096))) == n
-            best = min(best, time.perf_counter() - start)
-        return best
+    n = 64 << 20
+    path = tmp_path / "word.txt"
+    path.write_bytes(b"abcdefgh" * (n // 8))
+    start = time.perf_counter()
+    pieces = list(Loader(ReadText(str(path), chunk_bytes=4096)))
+    seconds = time.perf_counter() - start
+    assert len(pieces) == 1 and len(pieces[0]["text"]) == n
+    assert seconds < 10, f"{seconds:.1f} s to read a {n >> 20} MiB word"
 
-    small, large = seconds(2 << 20), seconds(8 << 20)
-    assert large / small < 8, f"2 MiB: {small:.3f} s, 8 MiB: {large:.3f} s ({large / small:.1f}x for 4x the bytes)"
+
+@pytest.mark.timeout(60)
+def test_a_word_spanning_many_shard_units_reads_in_linear_time(tmp_path):
+    """A 4 MiB word cut into 128 shard units of 32 KiB: all but the first unit are empty (no cut point
+    inside), but each one's start and end are snapped forward by scanning to the end of the word, so
+    the reader scans ~500 MB for 4 MB of text: ~3.6 s against ~0.02 s as one unit. At the defaults
+    (64 MB units, 1 MiB chunks) a 256 MB word takes 4.2 s in 4 units against 0.5 s in one; in 4 MB
+    units, 79 s. The start of a unit needs no search past the unit's own end."""
+    import time
+
+    n = 4 << 20
+    path = tmp_path / "word.txt"
+    path.write_bytes(b"abcdefgh" * (n // 8))
+
+    def seconds(shard_bytes: int) -> float:
+        start = time.perf_counter()
+        pieces = list(Loader(ReadText(str(path), chunk_bytes=64 << 10, shard_bytes=shard_bytes)))
+        assert "".join(p["text"] for p in pieces) == "abcdefgh" * (n // 8)
+        return time.perf_counter() - start
+
+    one, many = seconds(n), seconds(32 << 10)
+    assert many < max(1.0, 20 * one), f"one unit: {one:.2f} s; 128 units: {many:.2f} s"
