@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import signal
+import sys
 import warnings
 from collections import Counter
 from typing import Any
@@ -16,6 +19,13 @@ from pipeline.stage import Stage, upstream_nodes
 
 def _as_is(item: Any) -> Any:
     return item
+
+
+def _die_with_parent(worker_id: int) -> None:
+    """Worker init: on Linux, be killed when the main process dies (even by SIGKILL), so no worker is
+    left blocked on a pipe nobody reads."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 _END = "pipeline.workers.end"  # the last item of a worker's epoch: carries its final counters
@@ -95,6 +105,7 @@ class Workers(Stage):
                 self._dataset,
                 batch_size=None,
                 collate_fn=_as_is,  # items cross as pickles: numpy blocks move cheaply, tensors would not
+                worker_init_fn=_die_with_parent,
                 num_workers=num_workers,
                 prefetch_factor=prefetch_factor,
                 persistent_workers=False,

@@ -380,3 +380,42 @@ def _alive_within(pid: int, seconds: float) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+@pytest.mark.timeout(90)
+def test_sigkill_of_the_main_process_leaves_no_orphan_workers(tmp_path):
+    """SIGKILL cannot be handled, so the workers must go on their own. Found by this suite, then fixed
+    (workers set PR_SET_PDEATHSIG on Linux). Before: torch's worker watchdog noticed the dead parent
+    (within 5 s) and left its loop, but at exit multiprocessing joined the worker's queue feeder thread,
+    blocked writing an item (here 1 MB blocks of windows) into a pipe nobody read and the other worker
+    still held open: both workers hung in ``_exit_function`` for good (~215 MB each)."""
+    from tests.conftest import shared_file
+
+    source = shared_file("tinyshakespeare.txt")
+    config = tmp_path / "blocks.yaml"
+    config.write_text(
+        "stages:\n"
+        f"  read: {{type: read_text, paths: ['{source}'], shard_bytes: 100000}}\n"
+        "  encode: {type: bpe_encode, input: read}\n"
+        "  window: {type: sliding_window, input: encode, max_length: 256, stride: 1}\n"  # blocks of 1024 x 257 ids: 1 MB
+        "  batch: {type: batch, input: window, batch_size: 8}\n"
+    )
+    trace = tmp_path / "a.txt"
+    proc = _run(str(config), "--num-workers", "2", "--trace", str(trace), start_new_session=True)
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while len(_trace(trace)) < 50 and time.monotonic() < deadline and proc.poll() is None:
+            workers |= {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+            time.sleep(0.02)
+        assert proc.poll() is None and len(workers) >= 2
+        proc.kill()
+        proc.wait(timeout=30)
+        left = {pid for pid in workers if _alive_within(pid, 15)}
+        assert not left, f"worker processes still running 15 s after their parent was SIGKILLed: {sorted(left)}"
+    finally:
+        for pid in workers:  # never leave them behind, whatever the outcome
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass
