@@ -8,7 +8,6 @@ kill one or to check that none is left. HARDENING.md lists what each test tried 
 from __future__ import annotations
 
 import gc
-import json
 import os
 import signal
 import subprocess
