@@ -22,6 +22,7 @@ demo: $(BIN)/.installed
 	$(BIN)/python -m pipeline run examples/demo.yaml
 
 test: $(BIN)/.installed-ray
+	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q
 
 bench: $(BIN)/.installed
@@ -31,4 +32,4 @@ clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
 
 reference: $(BIN)/.installed
-	$(BIN)/python -c "from pipeline.view import write_reference; write_reference('README.md')"
+	$(BIN)/python -c "from pipeline.cli.reference import write_reference; write_reference('README.md')"

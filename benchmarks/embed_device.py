@@ -138,8 +138,11 @@ def main() -> None:
         for prefetch in (False, True):
             r = run_steps(args, model_name, prefetch)
             on = "on" if prefetch else "off"
-            print(f"| {model_name} | {on} | {r['wait_median']:.3f} / {r['wait_p90']:.3f} | {r['step']:.2f} | {r['host_next']:.3f} |",
-                  flush=True)
+            print(
+                f"| {model_name} | {on} | {r['wait_median']:.3f} / {r['wait_p90']:.3f} | {r['step']:.2f} | "
+                f"{r['host_next']:.3f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

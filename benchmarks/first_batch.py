@@ -149,21 +149,41 @@ def main() -> None:
         else:
             book = [measure("book", corpus, args) for _ in range(args.repeats)]
             ok = not any("error" in r for r in ours + book)
-            ratio = f"{statistics.median(r['first'] for r in book) / statistics.median(r['first'] for r in ours):.1f}x" if ok else "–"
+            median = statistics.median
+            ratio = f"{median(r['first'] for r in book) / median(r['first'] for r in ours):.1f}x" if ok else "–"
         print(f"{size_text}: ours {ours}\n{size_text}: book {book}", file=sys.stderr, flush=True)
-        rows.append([f"{size_text} ({size / 1e6:.0f} MB)", median_of(ours, "first", "{:.2f}"), median_of(ours, "rss", "{:.0f}"),
-                     median_of(ours, "rss_end", "{:.0f}"), median_of(ours, "tok_s", "{:.2f}", 1e-6) + ("*" if any(r.get("ended") for r in ours) else ""),
-                     median_of(book, "first", "{:.2f}"), median_of(book, "rss", "{:.0f}"), ratio])
-    head = ["size", "ours first batch (s)", "ours peak RSS (MB)", f"ours peak RSS after {args.steady_seconds:g} s (MB)",
-            "ours steady M tokens/s", "book first batch (s)", "book peak RSS (MB)", "ratio first-batch book/ours"]
+        rows.append(
+            [
+                f"{size_text} ({size / 1e6:.0f} MB)",
+                median_of(ours, "first", "{:.2f}"),
+                median_of(ours, "rss", "{:.0f}"),
+                median_of(ours, "rss_end", "{:.0f}"),
+                median_of(ours, "tok_s", "{:.2f}", 1e-6) + ("*" if any(r.get("ended") for r in ours) else ""),
+                median_of(book, "first", "{:.2f}"),
+                median_of(book, "rss", "{:.0f}"),
+                ratio,
+            ]
+        )
+    head = [
+        "size",
+        "ours first batch (s)",
+        "ours peak RSS (MB)",
+        f"ours peak RSS after {args.steady_seconds:g} s (MB)",
+        "ours steady M tokens/s",
+        "book first batch (s)",
+        "book peak RSS (MB)",
+        "ratio first-batch book/ours",
+    ]
     table = "\n".join("| " + " | ".join(r) + " |" for r in [head, ["---"] * len(head), *rows])
     command = shlex.join([Path(sys.executable).name, *sys.argv])
-    text = (f"{table}\n\nMedians of {args.repeats} runs, each in a fresh process; B={B}, max_length={L}, stride={STRIDE}; "
-            f"ours' peak RSS is taken after 100 batches; tokens/s counts the batches' input tokens "
-            f"(each corpus token is in {L // STRIDE} windows), from the first batch on; * the corpus ran out first, "
-            f"so the rate is inflated by the text encoded before the first batch.\n"
-            f"python {platform.python_version()}, torch {version('torch')}, tiktoken {version('tiktoken')}\n"
-            f"command: {command}\n")
+    text = (
+        f"{table}\n\nMedians of {args.repeats} runs, each in a fresh process; B={B}, max_length={L}, stride={STRIDE}; "
+        f"ours' peak RSS is taken after 100 batches; tokens/s counts the batches' input tokens "
+        f"(each corpus token is in {L // STRIDE} windows), from the first batch on; * the corpus ran out first, "
+        f"so the rate is inflated by the text encoded before the first batch.\n"
+        f"python {platform.python_version()}, torch {version('torch')}, tiktoken {version('tiktoken')}\n"
+        f"command: {command}\n"
+    )
     print(text)
     (OUT / "first_batch.md").write_text(text)
 

@@ -195,7 +195,8 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["100MB", "2GB"], help="corpus sizes; the first is the reference")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--max-seconds", type=float, default=240.0, help="stop a run after this long (the table says how much it streamed)")
+    ap.add_argument("--max-seconds", type=float, default=240.0,
+                    help="stop a run after this long (the table says how much it streamed)")
     ap.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--corpus", help=argparse.SUPPRESS)
@@ -233,34 +234,69 @@ def main() -> None:
         ref = med(runs.get((args.sizes[0], w), []), "peak_rss_sum_mb")
         ratio = f"{peak / ref:.2f}" if ref else "–"
         streamed, total = med(rs, "streamed_bytes"), med(rs, "corpus_bytes")
-        rows.append([size_text, str(w), f"{peak:.0f}", ratio, f"{med(rs, 'peak_rss_main_mb'):.0f}",
-                     f"{med(rs, 'peak_pss_sum_mb'):.0f}", f"{med(rs, 'ru_maxrss_self_mb'):.0f}",
-                     f"{med(rs, 'ru_maxrss_children_mb'):.0f}",
-                     f"{streamed / 1e6:,.0f} of {total / 1e6:,.0f} ({100 * streamed / total:.0f}%)",
-                     f"{med(rs, 'seconds'):.0f}", f"{med(rs, 'tokens') / med(rs, 'seconds') / 1e6:.2f}"])
-    head = ["size", "workers", "peak RSS (MB)", f"ratio to {args.sizes[0]} run", "peak RSS main process (MB)",
-            "peak PSS, main + children (MB)", "ru_maxrss self (MB)", "ru_maxrss RUSAGE_CHILDREN (MB)",
-            "text streamed (MB)", "seconds", "M batch tokens/s"]
+        rows.append(
+            [
+                size_text,
+                str(w),
+                f"{peak:.0f}",
+                ratio,
+                f"{med(rs, 'peak_rss_main_mb'):.0f}",
+                f"{med(rs, 'peak_pss_sum_mb'):.0f}",
+                f"{med(rs, 'ru_maxrss_self_mb'):.0f}",
+                f"{med(rs, 'ru_maxrss_children_mb'):.0f}",
+                f"{streamed / 1e6:,.0f} of {total / 1e6:,.0f} ({100 * streamed / total:.0f}%)",
+                f"{med(rs, 'seconds'):.0f}",
+                f"{med(rs, 'tokens') / med(rs, 'seconds') / 1e6:.2f}",
+            ]
+        )
+    head = [
+        "size",
+        "workers",
+        "peak RSS (MB)",
+        f"ratio to {args.sizes[0]} run",
+        "peak RSS main process (MB)",
+        "peak PSS, main + children (MB)",
+        "ru_maxrss self (MB)",
+        "ru_maxrss RUSAGE_CHILDREN (MB)",
+        "text streamed (MB)",
+        "seconds",
+        "M batch tokens/s",
+    ]
     table = "\n".join("| " + " | ".join(r) + " |" for r in [head, ["---"] * len(head), *rows])
     worst = [float(r[3]) for r in rows if r[3] not in ("–",) and r[0] != args.sizes[0]]
-    verdict = (f"Largest ratio {max(worst):.2f}: {'within' if max(worst) <= TARGET else 'over'} the target "
-               f"(within {TARGET - 1:.0%} of the {args.sizes[0]} run).\n") if worst else ""
+    verdict = (
+        (
+            f"Largest ratio {max(worst):.2f}: {'within' if max(worst) <= TARGET else 'over'} the target "
+            f"(within {TARGET - 1:.0%} of the {args.sizes[0]} run).\n"
+        )
+        if worst
+        else ""
+    )
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     code_after = code_fingerprint()
-    code = (f"code measured: pipeline/ + stages/ sha256 {code_before}" + ("" if code_after == code_before else
-            f" at the start, {code_after} at the end: WARNING, the code changed during the measurements") + "\n")
-    text = (f"{table}\n\n"
-            f"{'Median of ' + str(args.repeats) + ' runs' if args.repeats > 1 else 'One run'} per row, each in a fresh "
-            f"process: ReadArrow -> BpeEncode -> SlidingWindow(max_length={L}, stride={STRIDE}) -> Batch({B}) with "
-            f"Pipeline(num_workers=N), streamed to the end of the corpus or for at most {args.max_seconds:g} s. "
-            f"Peak RSS: the largest sum of the RSS of the process and all its children, sampled every {INTERVAL} s by "
-            f"a thread in the process (pages shared between the forked workers count once per process there; the "
-            f"PSS column shares them out). ru_maxrss RUSAGE_CHILDREN is the largest single waited-for child (the "
-            f"workers). Text streamed: document text read, from the readers' positions in the pipeline's state at "
-            f"the stop (behind the last batch by less than one block of windows).\n{verdict}"
-            f"python {platform.python_version()}, torch {version('torch')}, torchdata {version('torchdata')}, "
-            f"tiktoken {version('tiktoken')}, pyarrow {version('pyarrow')}, psutil {version('psutil')}\n"
-            f"{code}command: {command}\n")
+    code = (
+        f"code measured: pipeline/ + stages/ sha256 {code_before}"
+        + (
+            ""
+            if code_after == code_before
+            else f" at the start, {code_after} at the end: WARNING, the code changed during the measurements"
+        )
+        + "\n"
+    )
+    text = (
+        f"{table}\n\n"
+        f"{'Median of ' + str(args.repeats) + ' runs' if args.repeats > 1 else 'One run'} per row, each in a fresh "
+        f"process: ReadArrow -> BpeEncode -> SlidingWindow(max_length={L}, stride={STRIDE}) -> Batch({B}) with "
+        f"Pipeline(num_workers=N), streamed to the end of the corpus or for at most {args.max_seconds:g} s. "
+        f"Peak RSS: the largest sum of the RSS of the process and all its children, sampled every {INTERVAL} s by "
+        f"a thread in the process (pages shared between the forked workers count once per process there; the "
+        f"PSS column shares them out). ru_maxrss RUSAGE_CHILDREN is the largest single waited-for child (the "
+        f"workers). Text streamed: document text read, from the readers' positions in the pipeline's state at "
+        f"the stop (behind the last batch by less than one block of windows).\n{verdict}"
+        f"python {platform.python_version()}, torch {version('torch')}, torchdata {version('torchdata')}, "
+        f"tiktoken {version('tiktoken')}, pyarrow {version('pyarrow')}, psutil {version('psutil')}\n"
+        f"{code}command: {command}\n"
+    )
     print(text)
     (OUT / "memory.md").write_text(text)
 

@@ -39,7 +39,9 @@ DEFAULT_SOURCE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 B, L, STRIDE = 8, 256, 256
 INTERVAL = 0.25  # seconds between samples
 RSS_SLACK = 1.10  # an epoch's peak RSS within 10% of the first epoch's
-FDS_SLACK = 2  # an epoch's usual (most frequent) open fds (main + workers) within 2 of the baseline epoch's; the main's after it, equal
+# an epoch's usual (most frequent) open fds (main + workers) within 2 of the baseline epoch's;
+# the main's after it, equal
+FDS_SLACK = 2
 # Workers forked in epoch 1 inherit fewer of the main process's pipes than later ones (a one-off step of
 # ~4 per worker, measured), so with 3+ epochs the fd baseline is epoch 2; RSS is compared to epoch 1.
 
@@ -115,8 +117,10 @@ def corpus_files(folder: Path, size: int, source: Path) -> tuple[list[str], int]
     for path in sorted(folder.glob("part-*.arrow")):
         with pa.memory_map(str(path)) as source_file:
             reader = ipc.open_file(source_file)
-            total += sum(pc.sum(pc.binary_length(reader.get_batch(i).column("text"))).as_py() or 0
-                         for i in range(reader.num_record_batches))
+            total += sum(
+                pc.sum(pc.binary_length(reader.get_batch(i).column("text"))).as_py() or 0
+                for i in range(reader.num_record_batches)
+            )
         files.append(str(path))
         if total >= size:
             break
@@ -164,21 +168,43 @@ def soak(files: list[str], epochs: int, num_workers: int) -> list[dict]:
             fds_after.append(me.num_fds())
         left = [p for p in me.children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
         sampler.mark()  # drop the samples of the pause
-        rows.append({
-            "epoch": epoch, "batch_tokens": tokens, "encoded_tokens": encoded, "batches": batches,
-            "seconds": seconds, "peak_rss_mb": peak_rss / 1e6, "peak_fds": peak_fds, "steady_fds": steady_fds, "workers_seen": peak_children,
-            "fds_after": min(fds_after), "rss_after_mb": me.memory_info().rss / 1e6, "live_children_after": len(left),
-        })
+        rows.append(
+            {
+                "epoch": epoch,
+                "batch_tokens": tokens,
+                "encoded_tokens": encoded,
+                "batches": batches,
+                "seconds": seconds,
+                "peak_rss_mb": peak_rss / 1e6,
+                "peak_fds": peak_fds,
+                "steady_fds": steady_fds,
+                "workers_seen": peak_children,
+                "fds_after": min(fds_after),
+                "rss_after_mb": me.memory_info().rss / 1e6,
+                "live_children_after": len(left),
+            }
+        )
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     sampler.stop()
     return rows
 
 
-def report(rows: list[dict], files: list[str], text_bytes: int, args: argparse.Namespace, code: str) -> tuple[str, list[str]]:
+def report(
+    rows: list[dict], files: list[str], text_bytes: int, args: argparse.Namespace, code: str
+) -> tuple[str, list[str]]:
     first = rows[0]
     fd_base = rows[1] if len(rows) >= 3 else rows[0]
-    head = ["epoch", "batch tokens", "encoded tokens", "seconds", "peak RSS MB (main + workers)", "open fds (main + workers): usual / peak",
-            "fds after epoch (main)", "live children after epoch", "flags"]
+    head = [
+        "epoch",
+        "batch tokens",
+        "encoded tokens",
+        "seconds",
+        "peak RSS MB (main + workers)",
+        "open fds (main + workers): usual / peak",
+        "fds after epoch (main)",
+        "live children after epoch",
+        "flags",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     problems = []
     for r in rows:
@@ -193,20 +219,31 @@ def report(rows: list[dict], files: list[str], text_bytes: int, args: argparse.N
         if r["live_children_after"]:
             flags.append("WORKERS LEFT")
         problems += [f"epoch {r['epoch'] + 1}: {f}" for f in flags]
-        lines.append(f"| {r['epoch'] + 1} | {r['batch_tokens']:,} | {r['encoded_tokens']:,} | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['steady_fds']} / {r['peak_fds']} | {r['fds_after']} | {r['live_children_after']} | {', '.join(flags) or 'ok'} |")
-    verdict = ("FLAT: same tokens every epoch; peak RSS within "
-               f"{RSS_SLACK - 1:.0%} of epoch 1; usual fds (the most frequent sample) of later epochs within {FDS_SLACK} of epoch {fd_base['epoch'] + 1} and the main process's fds after each epoch "
-               "no higher than after epoch 1; no worker left between epochs."
-               if not problems else "GROWTH OR MISMATCH: " + "; ".join(problems))
+        lines.append(
+            f"| {r['epoch'] + 1} | {r['batch_tokens']:,} | {r['encoded_tokens']:,} | {r['seconds']:.0f} | "
+            f"{r['peak_rss_mb']:.0f} | "
+            f"{r['steady_fds']} / {r['peak_fds']} | {r['fds_after']} | {r['live_children_after']} | "
+            f"{', '.join(flags) or 'ok'} |"
+        )
+    verdict = (
+        "FLAT: same tokens every epoch; peak RSS within "
+        f"{RSS_SLACK - 1:.0%} of epoch 1; usual fds (the most frequent sample) of later epochs within {FDS_SLACK} "
+        f"of epoch {fd_base['epoch'] + 1} and the main process's fds after each epoch "
+        "no higher than after epoch 1; no worker left between epochs."
+        if not problems
+        else "GROWTH OR MISMATCH: " + "; ".join(problems)
+    )
     return (
         "\n".join(lines) + "\n\n" + verdict + "\n\n"
-        f"Corpus: {len(files)} Arrow files, {sum(os.path.getsize(f) for f in files) / 1e9:.2f} GB on disk, {text_bytes / 1e9:.2f} GB of "
+        f"Corpus: {len(files)} Arrow files, {sum(os.path.getsize(f) for f in files) / 1e9:.2f} GB on disk, "
+        f"{text_bytes / 1e9:.2f} GB of "
         f"text ({Path(files[0]).parent}, {', '.join(Path(f).name for f in files)}). ReadArrow -> BpeEncode -> "
-        f"SlidingWindow({L}, {STRIDE}) -> Batch({B}) with Pipeline(num_workers={args.num_workers}), {len(rows)} epochs in one process; "
+        f"SlidingWindow({L}, {STRIDE}) -> Batch({B}) with Pipeline(num_workers={args.num_workers}), {len(rows)} "
+        "epochs in one process; "
         f"RSS and fds (psutil) of the process plus its live children sampled every {INTERVAL} s.\n"
         f"python {platform.python_version()}, torch {version('torch')}, torchdata {version('torchdata')}, "
-        f"tiktoken {version('tiktoken')}, pyarrow {version('pyarrow')}, psutil {version('psutil')}; {os.cpu_count()} CPUs\n"
+        f"tiktoken {version('tiktoken')}, pyarrow {version('pyarrow')}, psutil {version('psutil')}; "
+        f"{os.cpu_count()} CPUs\n"
         f"{code}command: python benchmarks/soak.py {' '.join(sys.argv[1:])}\n"
     ), problems
 
@@ -235,11 +272,22 @@ def long_word_child(path: str, n: int, chunk_bytes: int, tiktoken_only: bool) ->
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     got = np.concatenate(ids)
-    out = {"bytes": n, "pieces": len(ids), "tokens": int(got.size), "seconds": seconds, "rss_before_mb": base / 1e6,
-           "peak_rss_mb": peak / 1e6, "peak_over_word": (peak - base) / n, "chunk_bytes": chunk_bytes, "tiktoken_only": tiktoken_only}
+    out = {
+        "bytes": n,
+        "pieces": len(ids),
+        "tokens": int(got.size),
+        "seconds": seconds,
+        "rss_before_mb": base / 1e6,
+        "peak_rss_mb": peak / 1e6,
+        "peak_over_word": (peak - base) / n,
+        "chunk_bytes": chunk_bytes,
+        "tiktoken_only": tiktoken_only,
+    }
     if not tiktoken_only:
         with open(path, encoding="utf-8") as f:
-            out["equal_to_encode_ordinary"] = bool(np.array_equal(got, np.asarray(enc.encode_ordinary(f.read()), dtype=np.int32)))
+            out["equal_to_encode_ordinary"] = bool(
+                np.array_equal(got, np.asarray(enc.encode_ordinary(f.read()), dtype=np.int32))
+            )
     return out
 
 
@@ -257,20 +305,35 @@ def long_word(n: int, chunk_bytes: int) -> None:
     if not path.exists() or path.stat().st_size != n:
         letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", dtype=np.uint8)
         rng = np.random.default_rng(0)
-        with open(path, "wb") as f:  # 1 MB at a time: this process stays small (a child's ru_maxrss starts at its parent's)
+        with open(
+            path, "wb"
+        ) as f:  # 1 MB at a time: this process stays small (a child's ru_maxrss starts at its parent's)
             for start in range(0, n, 1 << 20):
                 f.write(letters[rng.integers(0, len(letters), min(1 << 20, n - start))].tobytes())
-    print("| run | pieces | tokens | seconds | RSS before (MB) | peak RSS (MB) | (peak - before) / word | tokens == encode_ordinary |")
+    print(
+        "| run | pieces | tokens | seconds | RSS before (MB) | peak RSS (MB) | (peak - before) / word | tokens == "
+        "encode_ordinary |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for tiktoken_only in (False, True):
-        cmd = [sys.executable, __file__, "--long-word-child", str(path), "--chunk-bytes", str(chunk_bytes)] + (["--tiktoken-only"] if tiktoken_only else [])
+        cmd = [sys.executable, __file__, "--long-word-child", str(path), "--chunk-bytes", str(chunk_bytes)] + (
+            ["--tiktoken-only"] if tiktoken_only else []
+        )
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
             sys.exit(f"long word: child failed, rc {proc.returncode}: {proc.stderr[-2000:]}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        name = "tiktoken alone: encode_ordinary(text)" if tiktoken_only else f"ours: ReadText(chunk_bytes={chunk_bytes:,}) -> BpeEncode"
-        print(f"| {n / 1e6:.0f} MB word, {name} | {r['pieces']} | {r['tokens']:,} | {r['seconds']:.1f} | {r['rss_before_mb']:.0f} | "
-              f"{r['peak_rss_mb']:,.0f} | {r['peak_over_word']:.1f}x | {r.get('equal_to_encode_ordinary', '-')} |", flush=True)
+        name = (
+            "tiktoken alone: encode_ordinary(text)"
+            if tiktoken_only
+            else f"ours: ReadText(chunk_bytes={chunk_bytes:,}) -> BpeEncode"
+        )
+        print(
+            f"| {n / 1e6:.0f} MB word, {name} | {r['pieces']} | {r['tokens']:,} | {r['seconds']:.1f} | "
+            f"{r['rss_before_mb']:.0f} | "
+            f"{r['peak_rss_mb']:,.0f} | {r['peak_over_word']:.1f}x | {r.get('equal_to_encode_ordinary', '-')} |",
+            flush=True,
+        )
         print(json.dumps(r), file=sys.stderr)
 
 
@@ -282,12 +345,20 @@ def parse_size(text: str) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--corpus", type=Path, default=OUT / "arrow-2GB", help="a folder of Arrow part files (made if missing)")
-    ap.add_argument("--size", default="2GB", help="stream the first files of the corpus holding at least this much text")
+    ap.add_argument(
+        "--corpus", type=Path, default=OUT / "arrow-2GB", help="a folder of Arrow part files (made if missing)"
+    )
+    ap.add_argument(
+        "--size", default="2GB", help="stream the first files of the corpus holding at least this much text"
+    )
     ap.add_argument("--max-epochs", type=int, default=3)
     ap.add_argument("--num-workers", type=int, default=2)
-    ap.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="text to make the corpus from when it is missing")
-    ap.add_argument("--long-word", metavar="SIZE", help="instead: stream one word of SIZE bytes through read_text -> bpe_encode")
+    ap.add_argument(
+        "--source", type=Path, default=DEFAULT_SOURCE, help="text to make the corpus from when it is missing"
+    )
+    ap.add_argument(
+        "--long-word", metavar="SIZE", help="instead: stream one word of SIZE bytes through read_text -> bpe_encode"
+    )
     ap.add_argument("--chunk-bytes", type=int, default=1 << 20, help="read_text chunk_bytes for --long-word")
     ap.add_argument("--long-word-child", help=argparse.SUPPRESS)
     ap.add_argument("--tiktoken-only", action="store_true", help=argparse.SUPPRESS)
@@ -303,8 +374,16 @@ def main() -> None:
     before = code_fingerprint()
     rows = soak(files, args.max_epochs, args.num_workers)
     after = code_fingerprint()
-    code = f"code measured: pipeline/ + stages/ sha256 {before}" + (
-        "" if after == before else f" at the start, {after} at the end (changed on disk during the run; the run used the code it imported at the start)") + "\n"
+    code = (
+        f"code measured: pipeline/ + stages/ sha256 {before}"
+        + (
+            ""
+            if after == before
+            else f" at the start, {after} at the end "
+            "(changed on disk during the run; the run used the code it imported at the start)"
+        )
+        + "\n"
+    )
     text, problems = report(rows, files, text_bytes, args, code)
     print(text)
     OUT.mkdir(exist_ok=True)

@@ -38,7 +38,9 @@ def main() -> None:
     for workers in (0, 2):
         for shuffle in (False, True):
             for world_size in (1, 8):
-                pipe = Pipeline.from_config(config(args.corpus, shuffle), num_workers=workers, rank=0, world_size=world_size)
+                pipe = Pipeline.from_config(
+                    config(args.corpus, shuffle), num_workers=workers, rank=0, world_size=world_size
+                )
                 for _, batch in zip(range(args.batches), pipe):
                     pass
                 state = json.dumps(pipe.state_dict())

@@ -218,20 +218,35 @@ CATEGORIES = [  # first match, searching a stack from its leaf up
     ("encoding load (stages/encoding.py)", ("stages/encoding.py", "tiktoken/load.py")),
     ("pyarrow to_pylist (ReadArrow._load)", ("to_pylist",)),
     ("pyarrow read_unit (mmap + get_batch)", ("read_unit",)),
-    ("pickle / queue between processes", ("multiprocessing/queues.py", "multiprocessing/reduction.py",
-                                          "multiprocessing/connection.py", "torch/multiprocessing/reductions.py")),
+    (
+        "pickle / queue between processes",
+        (
+            "multiprocessing/queues.py",
+            "multiprocessing/reduction.py",
+            "multiprocessing/connection.py",
+            "torch/multiprocessing/reductions.py",
+        ),
+    ),
     ("encode stage Python: join texts, split ids, per-doc dicts (stages/encode.py)", ("stages/encode.py",)),
-    ("reader Python: per-document dicts (stages/arrow.py, pipeline/shard.py)", ("stages/arrow.py", "pipeline/shard.py")),
+    (
+        "reader Python: per-document dicts (stages/arrow.py, pipeline/shard.py)",
+        ("stages/arrow.py", "pipeline/shard.py"),
+    ),
     ("window: stages/window.py and its Cursor (pipeline/cursor.py)", ("stages/window.py",)),
     ("batch: stages/batch.py and its Cursor, int64 copies to tensors", ("stages/batch.py",)),
-    ("DataLoader / torchdata / node plumbing", ("torch/utils/data", "torchdata/", "pipeline/workers.py", "base_node.py")),
+    (
+        "DataLoader / torchdata / node plumbing",
+        ("torch/utils/data", "torchdata/", "pipeline/workers.py", "base_node.py"),
+    ),
     ("imports (some lazy, during construction)", ("importlib._bootstrap",)),
 ]
 
 
 def _is_wait(leaf: str) -> bool:
     name = leaf.split(" (")[0].lower()
-    return any(w.lower() in name for w in WAIT_LEAVES if "(" not in w) or any(w in leaf for w in WAIT_LEAVES if "(" in w)
+    return any(w.lower() in name for w in WAIT_LEAVES if "(" not in w) or any(
+        w in leaf for w in WAIT_LEAVES if "(" in w
+    )
 
 
 def summarize_profile(raw: Path, rate: int, seconds: float) -> str:
@@ -259,9 +274,13 @@ def summarize_profile(raw: Path, rate: int, seconds: float) -> str:
         leaves[code[-1]] += n
         procs[role] += n
     busy = sum(cats.values())
-    lines = [f"busy samples {busy} ({busy / rate / seconds:.2f} cores on average over {seconds:.1f} s), "
-             f"idle/waiting samples {waiting}; main {procs['main']}, workers {procs['worker']}",
-             "", "| process | where | % of busy samples |", "| --- | --- | --- |"]
+    lines = [
+        f"busy samples {busy} ({busy / rate / seconds:.2f} cores on average over {seconds:.1f} s), "
+        f"idle/waiting samples {waiting}; main {procs['main']}, workers {procs['worker']}",
+        "",
+        "| process | where | % of busy samples |",
+        "| --- | --- | --- |",
+    ]
     lines += [f"| {role} | {cat} | {100 * n / busy:.1f} |" for (role, cat), n in cats.most_common()]
     lines += ["", "| leaf frame (function (file:line)) | % of busy samples |", "| --- | --- |"]
     lines += [f"| {leaf} | {100 * n / busy:.1f} |" for leaf, n in leaves.most_common(15)]
@@ -274,13 +293,39 @@ def profile(corpus: Path, workers: int, rate: int = 100) -> str:
     if not spy.exists():
         return f"py-spy not installed in {spy.parent} (pip install py-spy)"
     raw = OUT / f"throughput-profile-w{workers}.txt"
-    cmd = [sys.executable, __file__, "--child", "ours", "--corpus", str(corpus), "--num-workers", str(workers), "--wait-go"]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "ours",
+        "--corpus",
+        str(corpus),
+        "--num-workers",
+        str(workers),
+        "--wait-go",
+    ]
     child_proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     if child_proc.stdout.readline().strip() != "ready":
         child_proc.kill()
         return "profiled child did not start"
-    spy_proc = subprocess.Popen([str(spy), "record", "--pid", str(child_proc.pid), "--subprocesses", "-r", str(rate),
-                                 "--format", "raw", "-o", str(raw)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    spy_proc = subprocess.Popen(
+        [
+            str(spy),
+            "record",
+            "--pid",
+            str(child_proc.pid),
+            "--subprocesses",
+            "-r",
+            str(rate),
+            "--format",
+            "raw",
+            "-o",
+            str(raw),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     time.sleep(2.0)  # let py-spy attach
     child_proc.stdin.write("go\n")
     child_proc.stdin.flush()
@@ -290,9 +335,11 @@ def profile(corpus: Path, workers: int, rate: int = 100) -> str:
     if not raw.exists():
         return f"py-spy failed (rc {spy_proc.returncode}): {spy_out.strip()[-300:]}"
     result = json.loads([x for x in out.splitlines() if x.startswith("{")][-1])
-    return (f"### num_workers={workers}\n\nUnder py-spy at {rate} Hz: {result['tok_s'] / 1e6:.2f} M tokens/s in "
-            f"{result['seconds']:.1f} s (sampling slows it); raw stacks in {raw.relative_to(ROOT)}.\n\n"
-            + summarize_profile(raw, rate, result["seconds"]))
+    return (
+        f"### num_workers={workers}\n\nUnder py-spy at {rate} Hz: {result['tok_s'] / 1e6:.2f} M tokens/s in "
+        f"{result['seconds']:.1f} s (sampling slows it); raw stacks in {raw.relative_to(ROOT)}.\n\n"
+        + summarize_profile(raw, rate, result["seconds"])
+    )
 
 
 def main() -> None:
@@ -306,8 +353,12 @@ def main() -> None:
     ap.add_argument("--corpus", help=argparse.SUPPRESS)
     ap.add_argument("--num-workers", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--wait-go", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--quiet-wait", type=float, default=30.0,
-                    help="before each run, wait up to this many seconds for the machine to be idle (<25%% CPU)")
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=30.0,
+        help="before each run, wait up to this many seconds for the machine to be idle (<25%% CPU)",
+    )
     args = ap.parse_args()
     if args.child:
         return child(args)
@@ -345,22 +396,50 @@ def main() -> None:
     ok_base = [x for x in base if "error" not in x]
     ok_ceiling = [x for x in ceiling if "error" not in x]
     base_tokens = ok_base[0]["tokens"] if ok_base else None
-    rows = [[f"baseline: encode_ordinary_batch(docs, num_threads=2), {ok_base[0]['calls'] if ok_base else '?'} docs",
-             med(base, "tok_s", 1e-6), "1.00", "–", med(base, "others_cores")]]
-    rows.append([f"ceiling: encode_ordinary_batch(~1 MB chunks, num_threads=2)", med(ceiling, "tok_s", 1e-6),
-                 f"{med(ceiling, 'tok_s', 1e-6)} / {med(base, 'tok_s', 1e-6)} = "
-                 + (f"{statistics.median(c['tok_s'] for c in ok_ceiling) / statistics.median(b['tok_s'] for b in ok_base):.2f}"
-                    if ok_base and ok_ceiling else "–"), "–", med(ceiling, "others_cores")])
+    rows = [
+        [
+            f"baseline: encode_ordinary_batch(docs, num_threads=2), {ok_base[0]['calls'] if ok_base else '?'} docs",
+            med(base, "tok_s", 1e-6),
+            "1.00",
+            "–",
+            med(base, "others_cores"),
+        ]
+    ]
+    rows.append(
+        [
+            "ceiling: encode_ordinary_batch(~1 MB chunks, num_threads=2)",
+            med(ceiling, "tok_s", 1e-6),
+            f"{med(ceiling, 'tok_s', 1e-6)} / {med(base, 'tok_s', 1e-6)} = "
+            + (
+                f"{statistics.median(c['tok_s'] for c in ok_ceiling) / statistics.median(b['tok_s'] for b in ok_base):.2f}"  # noqa: E501
+                if ok_base and ok_ceiling
+                else "–"
+            ),
+            "–",
+            med(ceiling, "others_cores"),
+        ]
+    )
     best = None
     for w in args.workers:
         ratio = statistics.median(ratios[w]) if ratios[w] else None
         if ratio is not None and (best is None or ratio > best[1]):
             best = (w, ratio)
-        rows.append([f"ours, num_workers={w}", med(ours[w], "tok_s", 1e-6),
-                     f"{ratio:.2f}" if ratio is not None else "–", med(ours[w], "first", 1.0, "{:.2f}"),
-                     med(ours[w], "others_cores")])
-    head = ["config", "M tokens/s (median)", "ratio to baseline (median of per-repeat ratios)", "first batch (s)",
-            "others' CPU during the timed part (cores, median)"]
+        rows.append(
+            [
+                f"ours, num_workers={w}",
+                med(ours[w], "tok_s", 1e-6),
+                f"{ratio:.2f}" if ratio is not None else "–",
+                med(ours[w], "first", 1.0, "{:.2f}"),
+                med(ours[w], "others_cores"),
+            ]
+        )
+    head = [
+        "config",
+        "M tokens/s (median)",
+        "ratio to baseline (median of per-repeat ratios)",
+        "first batch (s)",
+        "others' CPU during the timed part (cores, median)",
+    ]
     table = "\n".join("| " + " | ".join(r) + " |" for r in [head, ["---"] * len(head), *rows])
 
     ok_ours = [x for runs in ours.values() for x in runs if "error" not in x]
@@ -368,19 +447,38 @@ def main() -> None:
     if ok_base and ok_ours:
         batch_tokens = sorted({x["tokens"] for x in ok_ours})
         encoded = sorted({x["encoded_tokens"] for x in ok_ours if x.get("encoded_tokens")})
-        counts = (f"Token counts: baseline {base_tokens:,} (documents only); ours' batch tokens "
-                  f"{', '.join(f'{t:,}' for t in batch_tokens)} ({batch_tokens[-1] / base_tokens:.4f}x baseline); "
-                  + (f"ours' encoded tokens with num_workers=0 {encoded[0]:,} (documents + one <|endoftext|> "
-                     f"per document boundary), so batch tokens are {batch_tokens[0] / encoded[0]:.5f} of the "
-                     f"encoded ones (tails and the last partial batch dropped). " if encoded else "")
-                  + "The rates above count batch tokens.\n")
+        counts = (
+            f"Token counts: baseline {base_tokens:,} (documents only); ours' batch tokens "
+            f"{', '.join(f'{t:,}' for t in batch_tokens)} ({batch_tokens[-1] / base_tokens:.4f}x baseline); "
+            + (
+                f"ours' encoded tokens with num_workers=0 {encoded[0]:,} (documents + one <|endoftext|> "
+                f"per document boundary), so batch tokens are {batch_tokens[0] / encoded[0]:.5f} of the "
+                f"encoded ones (tails and the last partial batch dropped). "
+                if encoded
+                else ""
+            )
+            + "The rates above count batch tokens.\n"
+        )
     per_repeat = "; ".join(f"num_workers={w}: " + ", ".join(f"{x:.2f}" for x in ratios[w]) for w in args.workers)
-    verdict = (f"Best: num_workers={best[0]} at {best[1]:.2f} of baseline "
-               f"({'meets' if best[1] >= TARGET else 'below'} the {TARGET} target).\n") if best else ""
+    verdict = (
+        (
+            f"Best: num_workers={best[0]} at {best[1]:.2f} of baseline "
+            f"({'meets' if best[1] >= TARGET else 'below'} the {TARGET} target).\n"
+        )
+        if best
+        else ""
+    )
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     code_after = code_fingerprint()
-    code = (f"code measured: pipeline/ + stages/ sha256 {code_before}" + ("" if code_after == code_before else
-            f" at the start, {code_after} at the end: WARNING, the code changed during the measurements") + "\n")
+    code = (
+        f"code measured: pipeline/ + stages/ sha256 {code_before}"
+        + (
+            ""
+            if code_after == code_before
+            else f" at the start, {code_after} at the end: WARNING, the code changed during the measurements"
+        )
+        + "\n"
+    )
     all_runs = [*base, *ceiling, *(y for v in ours.values() for y in v)]
     seen = Counter(x.get("code") for x in all_runs if "error" not in x)
     if len(seen) > 1:
@@ -388,21 +486,24 @@ def main() -> None:
     failures = [x["error"] for x in all_runs if "error" in x]
     if failures:
         code += f"{len(failures)} run(s) failed and are left out, e.g.: {failures[0]}\n"
-    text = (f"{table}\n\n"
-            f"Corpus: {args.size} Arrow ({nbytes / 1e6:.0f} MB on disk, {ok_base[0]['bytes'] / 1e6:.0f} MB of text, "
-            f"{ok_base[0]['calls'] if ok_base else '?'} documents) from {args.source.name}; medians of {args.repeats} repeats, "
-            f"each run in a fresh process; each of ours ran right after its own baseline run and its ratio is to "
-            f"that run. Ours: ReadArrow -> BpeEncode -> SlidingWindow(max_length={L}, stride={STRIDE}) -> "
-            f"Batch({B}), timed from construction (encoding load included) to the last batch; the baseline's "
-            f"timing excludes reading (to_pylist) and the encoding load "
-            f"({med(base, 'load_encoding_s', 1.0, '{:.2f}')} s, median, as timed in the baseline's process).\n"
-            f"Others' CPU: the machine's busy CPU time minus this run's process tree's, over the timed part (the "
-            f"machine is shared; before each run we waited up to {args.quiet_wait:g} s for it to be under 25% busy).\n"
-            f"Per-repeat ratios: {per_repeat}.\n{counts}{verdict}"
-            f"python {platform.python_version()}, torch {version('torch')}, torchdata {version('torchdata')}, "
-            f"tiktoken {version('tiktoken')}, pyarrow {version('pyarrow')}, numpy {version('numpy')}; "
-            f"{os.cpu_count()} CPUs\n"
-            f"{code}command: {command}\n")
+    text = (
+        f"{table}\n\n"
+        f"Corpus: {args.size} Arrow ({nbytes / 1e6:.0f} MB on disk, {ok_base[0]['bytes'] / 1e6:.0f} MB of text, "
+        f"{ok_base[0]['calls'] if ok_base else '?'} documents) from {args.source.name}; medians of {args.repeats} "
+        "repeats, "
+        f"each run in a fresh process; each of ours ran right after its own baseline run and its ratio is to "
+        f"that run. Ours: ReadArrow -> BpeEncode -> SlidingWindow(max_length={L}, stride={STRIDE}) -> "
+        f"Batch({B}), timed from construction (encoding load included) to the last batch; the baseline's "
+        f"timing excludes reading (to_pylist) and the encoding load "
+        f"({med(base, 'load_encoding_s', 1.0, '{:.2f}')} s, median, as timed in the baseline's process).\n"
+        f"Others' CPU: the machine's busy CPU time minus this run's process tree's, over the timed part (the "
+        f"machine is shared; before each run we waited up to {args.quiet_wait:g} s for it to be under 25% busy).\n"
+        f"Per-repeat ratios: {per_repeat}.\n{counts}{verdict}"
+        f"python {platform.python_version()}, torch {version('torch')}, torchdata {version('torchdata')}, "
+        f"tiktoken {version('tiktoken')}, pyarrow {version('pyarrow')}, numpy {version('numpy')}; "
+        f"{os.cpu_count()} CPUs\n"
+        f"{code}command: {command}\n"
+    )
     if args.profile:
         text += "\n## Profile (py-spy attached after imports, all processes and threads)\n"
         for w in (0, 2):

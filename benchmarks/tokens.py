@@ -51,7 +51,7 @@ def corpus_folder(source: Path, size_text: str) -> Path:
 
 
 def time_prepare(config: dict, out: Path, engine: str, repeats: int) -> list[float]:
-    from pipeline.prepare import prepare
+    from stages.tokens.prepare import prepare
 
     runs = []
     for _ in range(repeats):
@@ -68,7 +68,7 @@ def same_cache(a: Path, b: Path) -> bool:
 
 def write_bin(cache: Path, path: Path) -> int:
     """nanoGPT's train.bin: the cache's token stream as one flat uint16 file."""
-    from pipeline.prepare import load_manifest
+    from stages.tokens.format import load_manifest
 
     manifest = load_manifest(str(cache))
     with open(path, "wb") as f:
@@ -99,7 +99,10 @@ def ours(cache: Path, shuffle: bool, num_workers: int):
     from pipeline import Pipeline
     from stages import Batch, ReadTokens
 
-    return Pipeline(Batch(ReadTokens(str(cache), max_length=L, stride=STRIDE, shuffle=shuffle, seed=0), batch_size=B), num_workers=num_workers)
+    return Pipeline(
+        Batch(ReadTokens(str(cache), max_length=L, stride=STRIDE, shuffle=shuffle, seed=0), batch_size=B),
+        num_workers=num_workers,
+    )
 
 
 def rate_ours(cache: Path, n: int | None, shuffle: bool, num_workers: int = 0) -> float:
@@ -118,8 +121,11 @@ def rate_streaming(config: dict, n: int) -> float:
     """The same batches streamed from the raw corpus (read -> encode -> window -> batch), for reference."""
     from pipeline import Pipeline
 
-    stages = dict(config["stages"], window={"type": "sliding_window", "input": "encode", "max_length": L, "stride": STRIDE},
-                  batch={"type": "batch", "input": "window", "batch_size": B})
+    stages = dict(
+        config["stages"],
+        window={"type": "sliding_window", "input": "encode", "max_length": L, "stride": STRIDE},
+        batch={"type": "batch", "input": "window", "batch_size": B},
+    )
     pipe = Pipeline.from_config({"stages": stages})
     start = time.perf_counter()
     count = 0
@@ -150,7 +156,12 @@ def main() -> None:
         sys.exit(f"tokens: source text {args.source} not found; pass --source FILE")
     OUT.mkdir(exist_ok=True)
     corpus = corpus_folder(source, args.size)
-    config = {"stages": {"read": {"type": "read_arrow", "paths": [str(corpus)]}, "encode": {"type": "bpe_encode", "input": "read"}}}
+    config = {
+        "stages": {
+            "read": {"type": "read_arrow", "paths": [str(corpus)]},
+            "encode": {"type": "bpe_encode", "input": "read"},
+        }
+    }
     work = OUT / "tokens-work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
@@ -158,12 +169,19 @@ def main() -> None:
     # 1. preprocessing
     local_cache = work / "cache-local"
     local = time_prepare(config, local_cache, "local", args.repeats)
-    from pipeline.prepare import load_manifest
+    from stages.tokens.format import load_manifest
 
     manifest = load_manifest(str(local_cache))
     mb, tokens = manifest["counts"]["source_bytes"] / 1e6, manifest["counts"]["tokens"]
-    rows = [["local (this process, 2 encode threads)", f"{statistics.median(local):.2f}", f"{mb / statistics.median(local):.2f}",
-             f"{tokens / statistics.median(local) / 1e6:.2f}", "-"]]
+    rows = [
+        [
+            "local (this process, 2 encode threads)",
+            f"{statistics.median(local):.2f}",
+            f"{mb / statistics.median(local):.2f}",
+            f"{tokens / statistics.median(local) / 1e6:.2f}",
+            "-",
+        ]
+    ]
     ray_note = "Ray not run (--no-ray)"
     if not args.no_ray:
         try:
@@ -180,7 +198,15 @@ def main() -> None:
             identical = same_cache(local_cache, work / "cache-ray")
             ray.shutdown()
             med = statistics.median(remote)
-            rows.append([f"ray (local cluster, {cpus} CPUs)", f"{med:.2f}", f"{mb / med:.2f}", f"{tokens / med / 1e6:.2f}", f"{started:.1f}"])
+            rows.append(
+                [
+                    f"ray (local cluster, {cpus} CPUs)",
+                    f"{med:.2f}",
+                    f"{mb / med:.2f}",
+                    f"{tokens / med / 1e6:.2f}",
+                    f"{started:.1f}",
+                ]
+            )
             ray_note = f"Ray cache identical to the local one, byte for byte: {identical}"
     prep_table = _table(["engine", "seconds", "MB/s of text", "M tokens/s", "cluster start (s)"], rows)
 
@@ -193,15 +219,23 @@ def main() -> None:
     measured = {
         "read_tokens -> batch, sequential": [rate_ours(local_cache, n, False) for _ in range(args.repeats)],
         "nanoGPT get_batch, sequential (same windows)": [rate_nanogpt(binary, n, False) for _ in range(args.repeats)],
-        "streaming the raw corpus: read_arrow -> bpe_encode -> sliding_window -> batch": [rate_streaming(config, n) for _ in range(args.repeats)],
-        "read_tokens -> batch, shuffled (seeded permutation)": [rate_ours(local_cache, n, True) for _ in range(args.repeats)],
+        "streaming the raw corpus: read_arrow -> bpe_encode -> sliding_window -> batch": [
+            rate_streaming(config, n) for _ in range(args.repeats)
+        ],
+        "read_tokens -> batch, shuffled (seeded permutation)": [
+            rate_ours(local_cache, n, True) for _ in range(args.repeats)
+        ],
         "nanoGPT get_batch, random (torch.randint)": [rate_nanogpt(binary, n, True) for _ in range(args.repeats)],
         # a whole epoch: workers left mid-epoch take ~5 s each to shut down (see the report)
-        "read_tokens -> batch, sequential, 2 worker processes (whole epoch, startup included)":
-            [rate_ours(local_cache, None, False, 2) for _ in range(args.repeats)],
+        "read_tokens -> batch, sequential, 2 worker processes (whole epoch, startup included)": [
+            rate_ours(local_cache, None, False, 2) for _ in range(args.repeats)
+        ],
     }
     med = {k: statistics.median(v) for k, v in measured.items()}
-    base = {"sequential": med["nanoGPT get_batch, sequential (same windows)"], "random": med["nanoGPT get_batch, random (torch.randint)"]}
+    base = {
+        "sequential": med["nanoGPT get_batch, sequential (same windows)"],
+        "random": med["nanoGPT get_batch, random (torch.randint)"],
+    }
     read_rows = []
     for name, rate in med.items():
         against = base["random"] if ("shuffled" in name or "random" in name) else base["sequential"]
@@ -211,16 +245,19 @@ def main() -> None:
 
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     ray_version = f", ray {version('ray')}" if "identical" in ray_note else ""
-    text = (f"### Preprocessing: {args.size} corpus ({mb:.1f} MB of text, {tokens / 1e6:.1f} M tokens, Arrow documents)\n\n{prep_table}\n\n"
-            f"{ray_note}. Seconds are a whole `prepare`: hashing the sources, reading, encoding (GPT-2), writing and "
-            f"hashing the shards; the Ray cluster's start is apart (the first Ray run also pays its workers' imports).\n\n"
-            f"### Batches from the cache: B={B}, max_length={L}, stride={STRIDE}, {n:,} batches a run\n\n{read_table}\n\n"
-            f"Rows with workers run a whole epoch ({epoch:,} batches), the start of the worker processes included. "
-            f"Sequential batches of both readers are checked equal. The ratio compares like with like: sequential "
-            f"with sequential, shuffled with random.\n\n"
-            f"Medians of {args.repeats} runs; {os.cpu_count()} CPUs; python {platform.python_version()}, "
-            f"torch {version('torch')}, tiktoken {version('tiktoken')}, pyarrow {version('pyarrow')}{ray_version}\n"
-            f"command: {command}\n")
+    text = (
+        f"### Preprocessing: {args.size} corpus ({mb:.1f} MB of text, {tokens / 1e6:.1f} M tokens, Arrow "
+        f"documents)\n\n{prep_table}\n\n"
+        f"{ray_note}. Seconds are a whole `prepare`: hashing the sources, reading, encoding (GPT-2), writing and "
+        f"hashing the shards; the Ray cluster's start is apart (the first Ray run also pays its workers' imports).\n\n"
+        f"### Batches from the cache: B={B}, max_length={L}, stride={STRIDE}, {n:,} batches a run\n\n{read_table}\n\n"
+        f"Rows with workers run a whole epoch ({epoch:,} batches), the start of the worker processes included. "
+        f"Sequential batches of both readers are checked equal. The ratio compares like with like: sequential "
+        f"with sequential, shuffled with random.\n\n"
+        f"Medians of {args.repeats} runs; {os.cpu_count()} CPUs; python {platform.python_version()}, "
+        f"torch {version('torch')}, tiktoken {version('tiktoken')}, pyarrow {version('pyarrow')}{ray_version}\n"
+        f"command: {command}\n"
+    )
     print(text)
     (OUT / "tokens.md").write_text(text)
     shutil.rmtree(work, ignore_errors=True)

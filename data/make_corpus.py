@@ -164,7 +164,9 @@ def make_corpus(
     out.mkdir(parents=True, exist_ok=True)
     existing = _existing_parts(out)
     if existing and not overwrite:
-        raise FileExistsError(f"{out} already has part files ({existing[0].name}, ...); pass overwrite=True / --overwrite")
+        raise FileExistsError(
+            f"{out} already has part files ({existing[0].name}, ...); pass overwrite=True / --overwrite"
+        )
     # Remove every old part, not just those we will rewrite: a leftover part from a bigger earlier run
     # would otherwise be read as part of this corpus.
     for p in existing:
@@ -215,8 +217,7 @@ def make_corpus(
         if len(ids) == docs_per_batch:
             flush()
     finish_file()
-    return {"files": [str(p) for p in files], "documents": n_docs, "bytes": total,
-            "seconds": time.perf_counter() - t0}
+    return {"files": [str(p) for p in files], "documents": n_docs, "bytes": total, "seconds": time.perf_counter() - t0}
 
 
 def _size_arg(s: str) -> int:
@@ -229,8 +230,14 @@ def _size_arg(s: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--from", dest="sources", action="append", required=True, metavar="FILE",
-                    help="source text file (repeatable); paragraphs are split on blank lines")
+    ap.add_argument(
+        "--from",
+        dest="sources",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="source text file (repeatable); paragraphs are split on blank lines",
+    )
     ap.add_argument("--size", type=_size_arg, required=True, help="total document text, e.g. 10MB, 1GB, 4096")
     ap.add_argument("--out", required=True, help="output directory (created if missing)")
     ap.add_argument("--format", dest="fmt", choices=sorted(FORMATS), default="arrow")
@@ -240,14 +247,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace existing part files in --out")
     args = ap.parse_args(argv)
     try:
-        r = make_corpus(args.sources, args.size, args.out, fmt=args.fmt, seed=args.seed,
-                        docs_per_batch=args.docs_per_batch, file_size=args.file_size, overwrite=args.overwrite)
+        r = make_corpus(
+            args.sources,
+            args.size,
+            args.out,
+            fmt=args.fmt,
+            seed=args.seed,
+            docs_per_batch=args.docs_per_batch,
+            file_size=args.file_size,
+            overwrite=args.overwrite,
+        )
     except (OSError, ValueError) as e:
         print(f"make_corpus: error: {e}", file=sys.stderr)
         return 1
     secs = r["seconds"]
-    print(f"{len(r['files'])} files, {r['documents']} documents, {r['bytes']} bytes, {secs:.1f} s, "
-          f"{r['bytes'] / 1e6 / max(secs, 1e-9):.1f} MB/s -> {args.out}")
+    print(
+        f"{len(r['files'])} files, {r['documents']} documents, {r['bytes']} bytes, {secs:.1f} s, "
+        f"{r['bytes'] / 1e6 / max(secs, 1e-9):.1f} MB/s -> {args.out}"
+    )
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Run from the project root:
 
-    torchrun --standalone --nproc_per_node 2 examples/ddp.py --data ../shared/data/the-verdict.txt --piece-bytes 1024 --steps 20
+    torchrun --standalone --nproc_per_node 2 examples/ddp.py --data ../shared/data/the-verdict.txt \
+        --piece-bytes 1024 --steps 20
 
 Every rank builds the same model and pipelines (``train_gpt.build``). The training reader takes its
 rank and world size from torch.distributed, so the ranks read disjoint pieces of the training text;

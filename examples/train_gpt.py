@@ -35,7 +35,7 @@ from pipeline import Pipeline  # noqa: E402
 from pipeline.shard import ShardedSource  # noqa: E402
 from pipeline.stage import Stage  # noqa: E402
 from stages import Batch, BpeEncode, Embed, SlidingWindow  # noqa: E402
-from stages.read import expand_paths, next_cut  # noqa: E402
+from stages.read_text import expand_paths, next_cut  # noqa: E402
 
 VOCAB_SIZE = 50257  # GPT-2 BPE
 MUST_MATCH = ("data", "val_fraction", "piece_bytes", "emb_dim", "layers", "heads", "context", "batch", "seed")
@@ -71,7 +71,9 @@ class FeedForward(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int, qkv_bias: bool = False):
+    def __init__(
+        self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int, qkv_bias: bool = False
+    ):
         super().__init__()
         if d_out % num_heads:
             raise ValueError(f"--emb-dim {d_out} must be divisible by --heads {num_heads}")
@@ -110,11 +112,20 @@ class TransformerBlock(nn.Module):
 class GPT(nn.Module):
     """The book's ``GPTModel`` from the input embeddings on: dropout, blocks, final norm, ``out_head``."""
 
-    def __init__(self, emb_dim: int, layers: int, heads: int, context_length: int, dropout: float = 0.0,
-                 vocab_size: int = VOCAB_SIZE):
+    def __init__(
+        self,
+        emb_dim: int,
+        layers: int,
+        heads: int,
+        context_length: int,
+        dropout: float = 0.0,
+        vocab_size: int = VOCAB_SIZE,
+    ):
         super().__init__()
         self.drop_emb = nn.Dropout(dropout)
-        self.trf_blocks = nn.Sequential(*[TransformerBlock(emb_dim, context_length, heads, dropout) for _ in range(layers)])
+        self.trf_blocks = nn.Sequential(
+            *[TransformerBlock(emb_dim, context_length, heads, dropout) for _ in range(layers)]
+        )
         self.final_norm = LayerNorm(emb_dim)
         self.out_head = nn.Linear(emb_dim, vocab_size, bias=False)
 
@@ -130,7 +141,8 @@ def loss_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def split_corpus(paths: str | list[str], val_fraction: float) -> tuple[list, list]:
-    """``(train, val)`` documents ``(file, offset, bytes)``: the first ``1 - val_fraction`` of the bytes, and the rest."""
+    """``(train, val)`` documents ``(file, offset, bytes)``: the first ``1 - val_fraction`` of the bytes,
+    and the rest."""
     train, val = [], []
     files = [(path, Path(path).read_bytes()) for path in expand_paths(paths)]
     left = int(sum(len(raw) for _, raw in files) * (1 - val_fraction))  # train bytes still to take
@@ -161,8 +173,13 @@ class TextPieces(ShardedSource, Stage[dict]):
 
     type_name = "text_pieces"
 
-    def __init__(self, docs: list[tuple[str, int, bytes]], piece_bytes: int = 4096,
-                 rank: int | None = None, world_size: int | None = None):
+    def __init__(
+        self,
+        docs: list[tuple[str, int, bytes]],
+        piece_bytes: int = 4096,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
         super().__init__()
         self.docs = docs
         self.read_log: list[list] = []  # [source, offset, end] of each unit read (examples/ddp.py prints them)
@@ -183,7 +200,12 @@ class TextPieces(ShardedSource, Stage[dict]):
         source, offset, raw = self.docs[i]
         self.stats["bytes"] += end - start
         self.read_log.append([source, offset + start, offset + end])
-        return {"text": raw[start:end].decode("utf-8"), "source": source, "offset": offset + start, "end": offset + end}, end
+        return {
+            "text": raw[start:end].decode("utf-8"),
+            "source": source,
+            "offset": offset + start,
+            "end": offset + end,
+        }, end
 
     def close_unit(self) -> None:
         pass
@@ -193,13 +215,23 @@ def make_pipeline(docs: list, args: argparse.Namespace, train: bool) -> Pipeline
     """Windows of ``--context`` tokens, stride ``--context`` (the book's chapter 5). Training: this rank's
     share of the text, batches shuffled and embedded by the embed stage. Validation: all of the text on
     every rank, batches left for the training tables (``evaluate``)."""
-    node = TextPieces(docs, piece_bytes=args.piece_bytes) if train else TextPieces(docs, args.piece_bytes, rank=0, world_size=1)
+    node = (
+        TextPieces(docs, piece_bytes=args.piece_bytes)
+        if train
+        else TextPieces(docs, args.piece_bytes, rank=0, world_size=1)
+    )
     node = BpeEncode(node, encoding="gpt2")
     node = SlidingWindow(node, max_length=args.context, stride=args.context)
     node = Batch(node, batch_size=args.batch, drop_last=train, shuffle=train, seed=args.seed)
     if train:
-        node = Embed(node, vocab_size=VOCAB_SIZE, d_model=args.emb_dim, context_length=args.context,
-                     device=args.device, seed=args.seed)
+        node = Embed(
+            node,
+            vocab_size=VOCAB_SIZE,
+            d_model=args.emb_dim,
+            context_length=args.context,
+            device=args.device,
+            seed=args.seed,
+        )
     return Pipeline(node)
 
 
@@ -211,7 +243,9 @@ def batches(pipe: Pipeline):
             empty = False
             yield batch
         if empty:
-            raise SystemExit(f"the training text gives no full batch of {pipe!r}: use more text or a smaller --batch/--context")
+            raise SystemExit(
+                f"the training text gives no full batch of {pipe!r}: use more text or a smaller --batch/--context"
+            )
 
 
 @torch.no_grad()
@@ -219,8 +253,10 @@ def evaluate(model: nn.Module, embedding: nn.Module, val: Pipeline, max_batches:
     """Mean loss over the first ``max_batches`` validation batches, embedded with the training tables."""
     device = next(embedding.parameters()).device
     model.eval()
-    losses = [loss_of(model(embedding(b["inputs"].to(device))), b["targets"].to(device)).item()
-              for b in islice(val, max_batches)]
+    losses = [
+        loss_of(model(embedding(b["inputs"].to(device))), b["targets"].to(device)).item()
+        for b in islice(val, max_batches)
+    ]
     model.train()
     if not losses:
         raise SystemExit(f"the validation text gives no window of {val!r}: use more text or a smaller --context")
@@ -230,7 +266,9 @@ def evaluate(model: nn.Module, embedding: nn.Module, val: Pipeline, max_batches:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="data/sample/*.txt", help="text files or a glob (default: %(default)s)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="the corpus's last fraction of bytes, for validation")
+    p.add_argument(
+        "--val-fraction", type=float, default=0.1, help="the corpus's last fraction of bytes, for validation"
+    )
     p.add_argument("--piece-bytes", type=int, default=4096, help="bytes per shard unit")
     p.add_argument("--emb-dim", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
@@ -255,12 +293,15 @@ def build(args: argparse.Namespace) -> tuple[GPT, Pipeline, Pipeline]:
     train_docs, val_docs = split_corpus(args.data, args.val_fraction)
     pipe, val = make_pipeline(train_docs, args, train=True), make_pipeline(val_docs, args, train=False)
     torch.manual_seed(args.seed)
-    model = GPT(args.emb_dim, args.layers, args.heads, args.context, args.dropout).to(pipe.embedding.tok_emb.weight.device)
+    model = GPT(args.emb_dim, args.layers, args.heads, args.context, args.dropout).to(
+        pipe.embedding.tok_emb.weight.device
+    )
     return model, pipe, val
 
 
-def save(path: str, step: int, model: nn.Module, pipe: Pipeline, optimizer: torch.optim.Optimizer,
-         args: argparse.Namespace) -> None:
+def save(
+    path: str, step: int, model: nn.Module, pipe: Pipeline, optimizer: torch.optim.Optimizer, args: argparse.Namespace
+) -> None:
     state = {
         "step": step,
         "model": model.state_dict(),
@@ -273,7 +314,9 @@ def save(path: str, step: int, model: nn.Module, pipe: Pipeline, optimizer: torc
     os.replace(path + ".tmp", path)  # a crash while saving keeps the previous checkpoint
 
 
-def restore(path: str, model: nn.Module, pipe: Pipeline, optimizer: torch.optim.Optimizer, args: argparse.Namespace) -> int:
+def restore(
+    path: str, model: nn.Module, pipe: Pipeline, optimizer: torch.optim.Optimizer, args: argparse.Namespace
+) -> int:
     """Load a checkpoint; return its step. Settings that shape the data or the model must match."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     for key in MUST_MATCH:
@@ -292,11 +335,16 @@ def main(argv: list[str] | None = None) -> None:
     model, pipe, val = build(args)
     embedding = pipe.embedding
     parameters = [*model.parameters(), *embedding.parameters()]  # the tables train with the model
-    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=args.weight_decay, fused=True)  # fused: 10x faster on a CPU
+    optimizer = torch.optim.AdamW(
+        parameters, lr=args.lr, weight_decay=args.weight_decay, fused=True
+    )  # fused: 10x faster on a CPU
     step = restore(args.resume, model, pipe, optimizer, args) if args.resume else 0
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    print(f"model {count(model):,} parameters, tables {count(embedding):,}, device {embedding.tok_emb.weight.device}, "
-          f"from step {step}", flush=True)
+    print(
+        f"model {count(model):,} parameters, tables {count(embedding):,}, device {embedding.tok_emb.weight.device}, "
+        f"from step {step}",
+        flush=True,
+    )
     data, losses, started, first = batches(pipe), [], time.perf_counter(), step
     while step < args.steps:
         batch = next(data)

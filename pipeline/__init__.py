@@ -8,7 +8,16 @@ from pipeline.graph import Pipeline
 from pipeline.registry import STAGES, ConfigError, register
 from pipeline.stage import Stage, StageError
 
-__all__ = ["STAGES", "ConfigError", "Pipeline", "Stage", "StageError", "create_dataloader_v1", "load_config", "register"]
+__all__ = [
+    "STAGES",
+    "ConfigError",
+    "Pipeline",
+    "Stage",
+    "StageError",
+    "create_dataloader_v1",
+    "load_config",
+    "register",
+]
 
 
 def __getattr__(name: str):

@@ -63,7 +63,10 @@ def check_config(config: Mapping[str, Any]) -> dict[str, list[str]]:
         raise ConfigError(f"a pipeline config must be a mapping, got {type(config).__name__}")
     unknown = [k for k in config if k not in _TOP_LEVEL]
     if unknown:
-        raise ConfigError(f"unknown top-level key `{unknown[0]}`{did_you_mean(unknown[0], _TOP_LEVEL)}; expected `stages` and optionally `output`")
+        raise ConfigError(
+            f"unknown top-level key `{unknown[0]}`{did_you_mean(unknown[0], _TOP_LEVEL)}; expected `stages` and "
+            "optionally `output`"
+        )
     specs = config.get("stages")
     if not isinstance(specs, Mapping) or not specs:
         raise ConfigError("a pipeline config needs a non-empty `stages` mapping of name -> {type, input, ...}")
@@ -79,7 +82,9 @@ def check_config(config: Mapping[str, Any]) -> dict[str, list[str]]:
             if field in ("type", "input", "inputs"):
                 continue
             if field not in schema:
-                raise ConfigError(f"unknown field `{field}` for type `{cls.type_name}`{did_you_mean(field, schema)}", name, field)
+                raise ConfigError(
+                    f"unknown field `{field}` for type `{cls.type_name}`{did_you_mean(field, schema)}", name, field
+                )
             if not check_value(schema[field].hint, value):
                 raise ConfigError(f"field `{field}` must be {schema[field].type_text()}, got {value!r}", name, field)
         for field in schema.values():
@@ -174,7 +179,8 @@ def _check_across(built: Mapping[str, BaseNode]) -> None:
             max_length = getattr(upstream, "max_length", None)
             if max_length is not None and max_length > context:
                 raise ConfigError(
-                    f"context_length {context} is shorter than the windows of stage `{upstream.name}` (max_length {max_length})",
+                    f"context_length {context} is shorter than the windows of stage `{upstream.name}` (max_length "
+                    f"{max_length})",
                     name,
                     "context_length",
                 )
@@ -240,10 +246,15 @@ class Pipeline:
             output = output if output is not None else list(self.stages)[-1]
             base, dot, branch = output.partition(".")
             if base not in self.stages:
-                raise ConfigError(f"output `{output}` is not a stage{did_you_mean(output, self.stages)}", field="output")
+                raise ConfigError(
+                    f"output `{output}` is not a stage{did_you_mean(output, self.stages)}", field="output"
+                )
             if dot and branch not in getattr(self.stages[base], "branches", []):
                 branches = getattr(self.stages[base], "branches", [])
-                raise ConfigError(f"output `{output}`: `{base}` has no branch `{branch}`{did_you_mean(branch, branches)}", field="output")
+                raise ConfigError(
+                    f"output `{output}`: `{base}` has no branch `{branch}`{did_you_mean(branch, branches)}",
+                    field="output",
+                )
             root = _node(output, self.stages.__getitem__) if dot else self.stages[base]
         self.output = getattr(root, "name", output)
         _check_consumed_once(root)
@@ -258,7 +269,9 @@ class Pipeline:
         self.loader = Loader(self.root)
 
     @classmethod
-    def from_config(cls, config: str | os.PathLike | Mapping[str, Any], output: str | None = None, **loader: Any) -> Pipeline:
+    def from_config(
+        cls, config: str | os.PathLike | Mapping[str, Any], output: str | None = None, **loader: Any
+    ) -> Pipeline:
         """Build a pipeline from a config file (YAML, TOML, JSON) or dict: ``{stages: {name: {type, input, ...}}}``.
 
         ``loader`` takes the constructor's keywords: ``rank``, ``world_size``, ``num_workers``.
@@ -311,14 +324,17 @@ class Pipeline:
             if mine.get(field) != saved:
                 raise ValueError(
                     f"this state does not fit the pipeline: `{field}` was {saved!r} when it was saved and is "
-                    f"{mine.get(field)!r} now" + (" (the stages or their parameters differ)" if field == "graph" else "")
+                    f"{mine.get(field)!r} now"
+                    + (" (the stages or their parameters differ)" if field == "graph" else "")
                 )
         self.loader.load_state_dict(state["loader"])
 
     def _fingerprint(self) -> dict[str, Any]:
         """What a saved state must match: the graph, the corpus files (with sizes), rank and workers."""
         nodes = [n for n in reversed(upstream_nodes(self.root)) if hasattr(n, "params")]
-        graph = [[n.name, n.type_name, {k: v for k, v in n.params.items() if k not in ("rank", "world_size")}] for n in nodes]
+        graph = [
+            [n.name, n.type_name, {k: v for k, v in n.params.items() if k not in ("rank", "world_size")}] for n in nodes
+        ]
         readers = [n for n in nodes if isinstance(n, ShardedSource)]
         files = [getattr(f, "path", f) for n in readers for f in n.files]
         corpus = [[f, os.path.getsize(f) if os.path.exists(f) else None] for f in files]
@@ -365,7 +381,8 @@ def _check_consumed_once(root: BaseNode) -> None:
     for node in upstream_nodes(root):
         if id(node) in seen:
             raise ConfigError(
-                f"stage `{getattr(node, 'name', node)}` feeds two stages on the way to output `{getattr(root, 'name', root)}`; "
+                f"stage `{getattr(node, 'name', node)}` feeds two stages on the way to output "
+                f"`{getattr(root, 'name', root)}`; "
                 "a stream can be read by one stage (make two outputs, e.g. one per split branch)",
                 getattr(node, "name", None),
             )

@@ -12,19 +12,11 @@ def describe(item: Any) -> str:
     """A short summary of an item (a batch, a block of windows, a document)."""
     if isinstance(item, (torch.Tensor, np.ndarray)):
         device = f" on {item.device}" if isinstance(item, torch.Tensor) and item.device.type != "cpu" else ""
-        return f"{type(item).__module__.split('.')[0]} {str(item.dtype).replace('torch.', '')} {list(item.shape)}{device}"
+        return (
+            f"{type(item).__module__.split('.')[0]} {str(item.dtype).replace('torch.', '')} {list(item.shape)}{device}"
+        )
     if isinstance(item, str) and len(item) > 40:
         return f"str of {len(item):,} chars"
     if isinstance(item, dict):
         return "{" + ", ".join(f"{key}: {describe(value)}" for key, value in item.items()) + "}"
     return repr(item)
-
-
-class BatchDict(dict):
-    """A batch: a plain dict (``inputs``, ``targets``, ``embeddings``) that prints its shapes."""
-
-    def __repr__(self) -> str:
-        return f"BatchDict{describe(self)}"
-
-    def _repr_pretty_(self, printer, cycle) -> None:  # IPython / Jupyter
-        printer.text(repr(self))

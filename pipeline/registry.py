@@ -52,5 +52,7 @@ def did_you_mean(word: str, choices) -> str:
 def stage_class(type_name, stage: str) -> type:
     if not isinstance(type_name, str) or type_name not in STAGES:
         known = ", ".join(sorted(STAGES))
-        raise ConfigError(f"unknown type `{type_name}`{did_you_mean(str(type_name), STAGES)} (known: {known})", stage, "type")
+        raise ConfigError(
+            f"unknown type `{type_name}`{did_you_mean(str(type_name), STAGES)} (known: {known})", stage, "type"
+        )
     return STAGES[type_name]

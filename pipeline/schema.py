@@ -99,10 +99,16 @@ def check_value(hint: Any, value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if origin in (list, tuple) or hint in (list, tuple):
         args = typing.get_args(hint)
-        return isinstance(value, (list, tuple)) and all(check_value(args[0], v) for v in value) if args else isinstance(value, (list, tuple))
+        return (
+            isinstance(value, (list, tuple)) and all(check_value(args[0], v) for v in value)
+            if args
+            else isinstance(value, (list, tuple))
+        )
     if origin is dict or hint is dict:
         args = typing.get_args(hint)
-        return isinstance(value, dict) and (not args or all(check_value(args[0], k) and check_value(args[1], v) for k, v in value.items()))
+        return isinstance(value, dict) and (
+            not args or all(check_value(args[0], k) and check_value(args[1], v) for k, v in value.items())
+        )
     if isinstance(hint, type):
         return isinstance(value, hint)
     return True
@@ -114,7 +120,9 @@ def reference_markdown(stages: dict[str, type]) -> str:
     for name in sorted(stages):
         cls = stages[name]
         summary = inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].replace("\n", " ")
-        inputs = {"none": "none (reads files)", "one": "`input`: one stage", "many": "`inputs`: several stages"}[takes(cls)]
+        inputs = {"none": "none (reads files)", "one": "`input`: one stage", "many": "`inputs`: several stages"}[
+            takes(cls)
+        ]
         parts.append(
             f"### `{name}`\n\n{summary}\n\n"
             f"- input: {inputs}; takes: {getattr(cls, 'consumes', None) or '-'}\n- gives: {cls.produces}\n\n"

@@ -15,7 +15,8 @@ import torch
 
 
 def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """``(rank, world_size)``: the given values, else ``torch.distributed``'s, else ``RANK``/``WORLD_SIZE``, else (0, 1)."""
+    """``(rank, world_size)``: the given values, else ``torch.distributed``'s, else ``RANK``/``WORLD_SIZE``,
+    else (0, 1)."""
     if rank is None or world_size is None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             found = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -35,14 +36,18 @@ def worker_slot(rank: int, world_size: int) -> tuple[int, int]:
     return rank * num_workers + worker_id, world_size * num_workers
 
 
-def assign_units(n_units: int, rank: int, world_size: int, shuffle: bool, seed: int, epoch: int, name: str) -> list[int]:
+def assign_units(
+    n_units: int, rank: int, world_size: int, shuffle: bool, seed: int, epoch: int, name: str
+) -> list[int]:
     """The unit indices this worker reads this epoch, in order."""
     g, G = worker_slot(rank, world_size)
     order = np.arange(n_units)
     if shuffle:
         order = np.random.default_rng([seed, epoch]).permutation(n_units)
     if n_units < G and g == 0:
-        warnings.warn(f"stage '{name}': {n_units} shard unit(s) for {G} workers over all ranks; {G - n_units} will be idle")
+        warnings.warn(
+            f"stage '{name}': {n_units} shard unit(s) for {G} workers over all ranks; {G - n_units} will be idle"
+        )
     return order[g::G].tolist()
 
 
@@ -73,7 +78,9 @@ class ShardedSource:
             self._epoch, self._index, self._position = self._epoch + 1, 0, None
         else:
             self._epoch, self._index, self._position = (initial_state[k] for k in ("epoch", "index", "position"))
-        self._assigned = assign_units(len(self.units), self.rank, self.world_size, self.shuffle, self.seed, self._epoch, self.name)
+        self._assigned = assign_units(
+            len(self.units), self.rank, self.world_size, self.shuffle, self.seed, self._epoch, self.name
+        )
 
     def get_state(self) -> dict:
         return {"epoch": self._epoch, "index": self._index, "position": self._position}

@@ -22,11 +22,29 @@ class StageError(RuntimeError):
         self.stage, self.source, self.record = stage, source, record
 
 
+class Counters(Counter):
+    """A stage's counters, by identifier key (``tail_tokens``), each shown by its label (``label(key)``:
+    from ``labels``, else the key with spaces). A label also reads its counter (``stats["tail tokens"]``)."""
+
+    def __init__(self, *args: Any, labels: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.labels: dict[str, str] = dict(labels or {})
+
+    def label(self, key: str) -> str:
+        return self.labels.get(key, key.replace("_", " "))
+
+    def __missing__(self, key: str) -> int:
+        return next((self[k] for k in list(self) if self.label(k) == key), 0)
+
+    def __reduce__(self):  # a Counter pickles its counts only; the labels go along
+        return type(self), (dict(self),), {"labels": self.labels}
+
+
 class Stage(BaseNode[T]):
     """A resumable pipeline stage.
 
     Subclasses implement ``next``, ``get_state`` and ``reset`` as any ``torchdata.nodes.BaseNode``;
-    this base adds ``name`` (the stage's name in its graph, set by the builder), ``stats`` (counters
+    this base adds ``name`` (the stage's name in its graph, set by the builder), ``stats`` (``Counters``
     the CLI reports, with ``items`` given and ``seconds`` spent, inputs included) and ``error`` (a
     ``StageError`` naming this stage).
     """
@@ -39,7 +57,7 @@ class Stage(BaseNode[T]):
     def __init__(self) -> None:
         super().__init__()
         self.name = self.type_name
-        self.stats: Counter[str] = Counter()
+        self.stats = Counters()
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
@@ -56,7 +74,11 @@ class Stage(BaseNode[T]):
 
     def error(self, message: str, source: str | None = None, record: Any = None) -> StageError:
         """A ``StageError`` whose message starts with this stage, the file and the record."""
-        where = f"stage '{self.name}'" + (f", file {source}" if source else "") + (f", {record}" if record is not None else "")
+        where = (
+            f"stage '{self.name}'"
+            + (f", file {source}" if source else "")
+            + (f", {record}" if record is not None else "")
+        )
         return StageError(f"{where}: {message}", self.name, source, record)
 
     def settings(self) -> str:

@@ -1,16 +1,16 @@
-"""The concrete stages, one module per family; importing this package registers their types."""
+"""The concrete stages, one module per stage type (named after it); importing this package registers their types."""
 
-from stages.arrow import ReadArrow
 from stages.batch import Batch
+from stages.bpe_encode import BpeEncode
 from stages.embed import Embed, InputEmbedding
-from stages.encode import BpeEncode
 from stages.encoding import load_encoding
 from stages.mix import Mix
-from stages.read import ReadText
+from stages.read_arrow import ReadArrow
+from stages.read_text import ReadText
+from stages.sliding_window import SlidingWindow
 from stages.split import Split
 from stages.tokens import ReadTokens
-from stages.window import SlidingWindow
-from stages.word import WordEncode
+from stages.word_encode import WordEncode
 
 __all__ = [
     "Batch",

@@ -8,9 +8,19 @@ import numpy as np
 import torch
 
 from pipeline.cursor import Cursor
-from pipeline.items import BatchDict
+from pipeline.items import describe
 from pipeline.registry import register
 from pipeline.stage import Stage
+
+
+class BatchDict(dict):
+    """A batch: a plain dict (``inputs``, ``targets``, ``embeddings``) that prints its shapes."""
+
+    def __repr__(self) -> str:
+        return f"BatchDict{describe(self)}"
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # IPython / Jupyter
+        printer.text(repr(self))
 
 
 @register("batch")
@@ -48,6 +58,7 @@ class Batch(Stage[dict]):
         if not isinstance(seed, int):
             raise TypeError(f"seed must be an integer, got {seed!r}")
         self.source = source
+        self.stats.labels["windows_dropped"] = "windows dropped (drop_last)"
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.shuffle = shuffle
@@ -81,7 +92,7 @@ class Batch(Stage[dict]):
         windows = self._group[self._taken : self._taken + self.batch_size]
         if len(windows) == 0 or (len(windows) < self.batch_size and self.drop_last):
             if len(windows):
-                self.stats["windows dropped (drop_last)"] = len(windows)
+                self.stats["windows_dropped"] = len(windows)
             raise StopIteration
         self._taken += len(windows)
         self.stats["batches"] += 1

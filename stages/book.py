@@ -9,8 +9,8 @@ from torchdata.nodes import IterableWrapper
 
 from pipeline.graph import Pipeline
 from stages.batch import Batch
-from stages.encode import BpeEncode
-from stages.window import SlidingWindow
+from stages.bpe_encode import BpeEncode
+from stages.sliding_window import SlidingWindow
 
 
 class BookLoader:
@@ -47,5 +47,7 @@ def create_dataloader_v1(
     encoded = BpeEncode(document, encoding="gpt2", allowed_special=["<|endoftext|>"])
     windows = SlidingWindow(encoded, max_length=max_length, stride=stride)
     # Every window of the text in one shuffled group (at most one window per byte).
-    batches = Batch(windows, batch_size, drop_last=drop_last, shuffle=shuffle, seed=seed, shuffle_windows=max(1, len(txt.encode())))
+    batches = Batch(
+        windows, batch_size, drop_last=drop_last, shuffle=shuffle, seed=seed, shuffle_windows=max(1, len(txt.encode()))
+    )
     return BookLoader(Pipeline(batches))

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.items import BatchDict
+from stages.batch import BatchDict
 from pipeline.registry import register
 from pipeline.stage import Stage
 
@@ -37,7 +37,9 @@ class InputEmbedding(nn.Module):
     tables after ``torch.manual_seed(123)``). The output has the tables' dtype, under autocast too.
     """
 
-    def __init__(self, vocab_size: int, d_model: int, context_length: int, positional: str = "learned", seed: int | None = None):
+    def __init__(
+        self, vocab_size: int, d_model: int, context_length: int, positional: str = "learned", seed: int | None = None
+    ):
         super().__init__()
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.tok_emb = nn.Embedding(vocab_size, d_model)
@@ -75,7 +77,9 @@ def load_weights(module: nn.Module, path: str | os.PathLike) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip or weights_only errors: all mean "not a state dict file"
-        raise ValueError(f"weights {os.fspath(path)!r}: not a file saved by torch.save ({type(e).__name__}: {e})") from None
+        raise ValueError(
+            f"weights {os.fspath(path)!r}: not a file saved by torch.save ({type(e).__name__}: {e})"
+        ) from None
     if not isinstance(state, Mapping):
         raise ValueError(f"weights {os.fspath(path)!r}: expected a state dict, got {type(state).__name__}")
     needed = module.state_dict()
@@ -86,7 +90,9 @@ def load_weights(module: nn.Module, path: str | os.PathLike) -> None:
         found = state[key]
         if not torch.is_tensor(found) or found.shape != table.shape:
             shape = tuple(found.shape) if torch.is_tensor(found) else type(found).__name__
-            raise ValueError(f"weights {os.fspath(path)!r}: `{key}` is {shape}, the stage's table is {tuple(table.shape)}")
+            raise ValueError(
+                f"weights {os.fspath(path)!r}: `{key}` is {shape}, the stage's table is {tuple(table.shape)}"
+            )
     module.load_state_dict({key: state[key] for key in needed})
 
 
@@ -202,12 +208,17 @@ class Embed(Stage[dict]):
         if self._stream is not None:
             with torch.cuda.stream(self._stream):
                 batch = BatchDict(
-                    {k: v.pin_memory().to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    {
+                        k: v.pin_memory().to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                        for k, v in batch.items()
+                    }
                 )
         return batch
 
     def _embed(self, batch: dict) -> dict:
-        if self._stream is not None:  # the consumer's stream waits for the copy; the allocator learns who uses the memory
+        if (
+            self._stream is not None
+        ):  # the consumer's stream waits for the copy; the allocator learns who uses the memory
             consumer = torch.cuda.current_stream(self.device)
             consumer.wait_stream(self._stream)
             for value in batch.values():

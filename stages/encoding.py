@@ -58,7 +58,8 @@ def _load(name: str, files: tuple[tuple[str, str], ...]) -> tiktoken.Encoding:
                 return f.read()
         raise EncodingFileMissing(
             f"encoding `{name}` needs the file {filename} and there is no network to fetch it. "
-            f"Either download {url} and name it in the encode stage (encoding_files: {{{filename}: /path/to/{filename}}}), "
+            f"Either download {url} and name it in the encode stage (encoding_files: {{{filename}: "
+            f"/path/to/{filename}}}), "
             f"or place it at {_cache_path(url)} (tiktoken's cache; set TIKTOKEN_CACHE_DIR to choose the folder)."
         )
 
@@ -75,10 +76,10 @@ def load_encoding(name: str = "gpt2", files: dict[str, str] | None = None) -> ti
 
     Args:
         name: a tiktoken encoding name (``gpt2``, ``r50k_base``, ``cl100k_base``, ``o200k_base``, ...).
-        files: local copies of the files it needs, by file name (``{"cl100k_base.tiktoken": "/data/cl100k_base.tiktoken"}``).
+        files: local copies of the files it needs, by file name
+            (``{"cl100k_base.tiktoken": "/data/cl100k_base.tiktoken"}``).
     """
     for filename, path in (files or {}).items():
         if not os.path.exists(path):
             raise FileNotFoundError(f"encoding `{name}`: file {filename} given as {path} does not exist")
     return _load(name, tuple(sorted((files or {}).items())))
-

@@ -44,6 +44,8 @@ class Mix(Stage[dict]):
         if any(isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0 for w in weights):
             raise ValueError(f"weights must be positive numbers, got {weights!r}")
         self.sources = list(sources)
+        names = [getattr(source, "name", str(i)) for i, source in enumerate(self.sources)]
+        self.stats.labels.update({f"from_{name}": f"items from {name}" for name in names})
         self.probabilities = np.asarray(weights, dtype=np.float64) / sum(weights)
         self.seed, self.stop = seed, stop
         self._epoch = -1
@@ -55,13 +57,19 @@ class Mix(Stage[dict]):
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
         readers = [n for n in upstream_nodes(self) if isinstance(n, ShardedSource)]
-        self._worker = worker_slot(readers[0].rank, readers[0].world_size)[0] if readers else worker_slot(*resolve_rank())[0]
+        self._worker = (
+            worker_slot(readers[0].rank, readers[0].world_size)[0] if readers else worker_slot(*resolve_rank())[0]
+        )
         if initial_state is None:
             self._epoch, self._draws, self._ended = self._epoch + 1, 0, [False] * len(self.sources)
             for source in self.sources:
                 source.reset()
         else:
-            self._epoch, self._draws, self._ended = initial_state["epoch"], initial_state["draws"], list(initial_state["ended"])
+            self._epoch, self._draws, self._ended = (
+                initial_state["epoch"],
+                initial_state["draws"],
+                list(initial_state["ended"]),
+            )
             for source, state in zip(self.sources, initial_state["sources"]):
                 source.reset(state)
         self._block = None
@@ -87,7 +95,7 @@ class Mix(Stage[dict]):
                 except StopIteration:
                     continue  # an empty stream
             name = getattr(self.sources[i], "name", str(i))
-            self.stats[f"items from {name}"] += 1
+            self.stats[f"from_{name}"] += 1
             return {**item, "mix": name} if isinstance(item, dict) else item
         raise StopIteration
 

@@ -11,7 +11,9 @@ from pipeline.stage import PassThrough
 
 def bucket(key: str, seed: int) -> float:
     """A number in [0, 1) that depends only on ``key`` and ``seed``."""
-    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8, person=seed.to_bytes(8, "little", signed=True))
+    digest = hashlib.blake2b(
+        key.encode("utf-8", "surrogatepass"), digest_size=8, person=seed.to_bytes(8, "little", signed=True)
+    )
     return int.from_bytes(digest.digest(), "little") / 2**64
 
 
@@ -36,7 +38,9 @@ class Split(PassThrough[dict]):
 
     def __init__(self, source, fractions: dict[str, float], key: str | list[str] | None = None, seed: int = 0):
         super().__init__()
-        if not fractions or any(isinstance(f, bool) or not isinstance(f, (int, float)) or f < 0 for f in fractions.values()):
+        if not fractions or any(
+            isinstance(f, bool) or not isinstance(f, (int, float)) or f < 0 for f in fractions.values()
+        ):
             raise ValueError(f"fractions must map branch names to non-negative numbers, got {fractions!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an integer, got {seed!r}")
@@ -44,6 +48,7 @@ class Split(PassThrough[dict]):
             raise ValueError(f"fractions must add up to 1, got {sum(fractions.values())} ({fractions!r})")
         self.source = source
         self.branches = list(fractions)
+        self.stats.labels.update({f"to_{branch}": f"to {branch}" for branch in self.branches})
         self.edges = np.cumsum(list(fractions.values()))
         self.keys = [key] if isinstance(key, str) else key
         self.seed = seed
@@ -53,10 +58,12 @@ class Split(PassThrough[dict]):
         keys = self.keys or ["source" if "offset" in doc else "text"]
         missing = [k for k in keys if k not in doc]
         if missing:
-            raise self.error(f"documents have no field `{missing[0]}` to hash (fields: {', '.join(doc)})", doc.get("source"))
+            raise self.error(
+                f"documents have no field `{missing[0]}` to hash (fields: {', '.join(doc)})", doc.get("source")
+            )
         value = bucket("\x1f".join(str(doc[k]) for k in keys), self.seed)
         branch = self.branches[min(int(np.searchsorted(self.edges, value, side="right")), len(self.branches) - 1)]
-        self.stats[f"to {branch}"] += 1
+        self.stats[f"to_{branch}"] += 1
         return {**doc, "split": branch}
 
 

@@ -15,7 +15,9 @@ def doc_text(doc_id: str, n: int) -> str:
     return f"{doc_id} " + " ".join(WORDS[(n * 7 + k) % len(WORDS)] for k in range(5 + n % 17)) + "."
 
 
-def write_arrow_corpus(folder: Path, batches_per_file=(3, 1, 5, 2), rows_per_batch=(4, 7, 1, 10), fmt="file") -> list[str]:
+def write_arrow_corpus(
+    folder: Path, batches_per_file=(3, 1, 5, 2), rows_per_batch=(4, 7, 1, 10), fmt="file"
+) -> list[str]:
     """Arrow IPC (``file`` or ``stream``) or ``parquet`` files of uneven batches; returns all document ids."""
     folder.mkdir(parents=True, exist_ok=True)
     ids: list[str] = []

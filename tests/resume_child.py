@@ -1,4 +1,4 @@
-"""Run in a fresh process by tests/test_resume.py: restore pipeline states and dump what follows each."""
+"""Run in a fresh process by tests/pipeline/test_resume.py: restore pipeline states and dump what follows each."""
 
 import json
 import sys

@@ -1,0 +1,27 @@
+"""The command line: ``python -m pipeline run | inspect | bench | prepare | reference``, one module per verb."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.cli import bench, inspect, prepare, reference, run
+from pipeline.registry import ConfigError
+from pipeline.stage import StageError
+
+VERBS = (run, inspect, bench, prepare, reference)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: the process's arguments), run the verb; the exit status (2: a config error)."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline",
+                                     description="Run, inspect and measure text -> token -> embedding pipelines.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for verb in VERBS:
+        verb.add_parser(commands)
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ConfigError, StageError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,160 @@
+"""``run``: stream a pipeline, checkpoint it, and report what each stage did."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import signal
+import sys
+import time
+
+from pipeline.checkpoint import load_json, save_json
+from pipeline.cli.common import add_pipeline_args, encoded_tokens, open_pipeline
+from pipeline.graph import Pipeline
+from pipeline.stage import inputs_of, upstream_nodes
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("run", help="stream a pipeline and report what each stage did")
+    add_pipeline_args(p)
+    p.add_argument("--max-batches", type=int, default=None, help="stop after N batches")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="live progress line (default: when stderr is a terminal)")
+    p.add_argument("--checkpoint",
+                   help="write the pipeline's state to this JSON file periodically and on exit, Ctrl-C or SIGTERM")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="batches between checkpoints (default 100)")
+    p.add_argument("--resume", help="continue from a checkpoint written by --checkpoint")
+    p.add_argument("--trace", help="append a line per batch (number and a hash of its inputs) to this file")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    pipe = open_pipeline(args)
+    print(pipe)
+    batches = 0
+    if args.resume:
+        saved = load_json(args.resume)
+        pipe.load_state_dict(saved["pipeline"])
+        batches = saved["batches"]
+        print(f"resumed from {args.resume} after batch {batches:,}")
+    trace = open(args.trace, "a", buffering=1) if args.trace else None  # line-buffered: one line per batch
+    progress = Progress(pipe, enabled=sys.stderr.isatty() if args.progress is None else args.progress)
+
+    def checkpoint() -> None:
+        if args.checkpoint:
+            save_json(args.checkpoint, {"pipeline": pipe.state_dict(), "batches": batches})
+
+    start, first = time.perf_counter(), None
+    shapes: dict[str, tuple] = {}
+    # A first Ctrl-C or SIGTERM stops after the batch in hand, so the checkpoint is a clean position;
+    # a second one stops at once, without a checkpoint.
+    stop: list[int] = []
+
+    def request_stop(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for batch in pipe:
+            first = time.perf_counter() - start if first is None else first
+            batches += 1
+            if isinstance(batch, dict):
+                shapes = {k: tuple(v.shape) for k, v in batch.items() if hasattr(v, "shape")}
+            if trace is not None:
+                trace.write(f"{batches} {_digest(batch)}\n")
+            if args.checkpoint and batches % args.checkpoint_every == 0:
+                checkpoint()
+            progress.update(batches)
+            if stop or (args.max_batches is not None and batches >= args.max_batches):
+                break
+    except KeyboardInterrupt:
+        print("interrupted twice: no checkpoint written", file=sys.stderr)
+        return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        progress.close()
+        if trace is not None:
+            trace.close()
+    checkpoint()
+    elapsed = time.perf_counter() - start
+    print(summary(pipe, elapsed))
+    print(f"\nbatches: {batches:,}   last batch: " + ", ".join(f"{k} {list(v)}" for k, v in shapes.items()))
+    tokens = encoded_tokens(pipe)
+    print(
+        f"time: {elapsed:.3f} s, first batch after {first or 0:.3f} s; {tokens / elapsed / 1e6:.2f} M tokens/s encoded"
+    )
+    if args.checkpoint:
+        print(f"checkpoint: {args.checkpoint} (after batch {batches:,})")
+    if stop:
+        print(f"stopped by signal {stop[0]} after batch {batches:,}", file=sys.stderr)
+        return 130
+    return 0
+
+
+class Progress:
+    """One live line on stderr: batches, documents, tokens and tokens/s."""
+
+    def __init__(self, pipe: Pipeline, enabled: bool):
+        self.pipe, self.enabled = pipe, enabled
+        self.start = self.last = time.perf_counter()
+
+    def update(self, batches: int) -> None:
+        now = time.perf_counter()
+        if not self.enabled or now - self.last < 0.25:
+            return
+        self.last = now
+        nodes = upstream_nodes(self.pipe.root)
+        documents = next((int(n.stats["documents"]) for n in nodes if getattr(n, "produces", None) == "tokens"), 0)
+        tokens = encoded_tokens(self.pipe)
+        rate = tokens / (now - self.start) / 1e6
+        sys.stderr.write(
+            f"\r{batches:,} batches | {documents:,} documents | {tokens:,} tokens | {rate:.2f} M tokens/s "
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def summary(pipe: Pipeline, elapsed: float) -> str:
+    """Per stage: items in and out, tokens, share of the time (its own, inputs excluded), skips."""
+    rows = [("stage", "type", "items in", "items out", "tokens", "time", "notes")]
+    for node in reversed(upstream_nodes(pipe.root)):
+        if not hasattr(node, "stats"):
+            continue
+        stats, inputs = node.stats, inputs_of(node)
+        items_in = sum(int(getattr(n, "stats", {}).get("items", 0)) for n in inputs) if inputs else None
+        own = stats["seconds"] - sum(getattr(n, "stats", {}).get("seconds", 0.0) for n in inputs)
+        in_workers = (
+            any(n.type_name == "workers" for n in upstream_nodes(pipe.root) if hasattr(n, "type_name"))
+            and node.in_workers
+        )
+        share = f"{max(own, 0) / elapsed:.0%}" + (" (workers)" if in_workers else "") if elapsed > 0 else "-"
+        notes = ", ".join(
+            f"{stats.label(k)}: {int(v):,}"
+            for k, v in stats.items()
+            if k not in ("items", "seconds", "tokens", "documents", "bytes")
+        )
+        rows.append(
+            (
+                node.name,
+                node.type_name,
+                "-" if items_in is None else f"{items_in:,}",
+                f"{int(stats['items']):,}",
+                f"{int(stats['tokens']):,}" if "tokens" in stats else "",
+                share,
+                notes,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n" + "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows)
+
+
+def _digest(batch) -> str:
+    """A short hash of a batch's token ids (or of the item), for traces."""
+    data = batch["inputs"].numpy().tobytes() if isinstance(batch, dict) and "inputs" in batch else repr(batch).encode()
+    return hashlib.sha1(data).hexdigest()[:16]

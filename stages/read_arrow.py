@@ -1,0 +1,151 @@
+"""``read_arrow``: documents from Arrow IPC (file or stream format) and Parquet corpora, by shard."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from pipeline.registry import register
+from pipeline.shard import ShardedSource
+from pipeline.stage import Stage
+from stages.read_text import expand_paths
+
+ARROW_SUFFIXES = (".arrow", ".ipc", ".feather", ".arrows")
+NULL_POLICIES = ("error", "skip")
+
+
+def _is_string(type_: pa.DataType) -> bool:
+    return pa.types.is_string(type_) or pa.types.is_large_string(type_) or pa.types.is_string_view(type_)
+
+
+class _ArrowFile:
+    """One corpus file: its format, schema and number of shard units (record batches or row groups)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"{path}: empty file (0 bytes), not an Arrow or Parquet file")
+        try:
+            if path.endswith(".parquet"):
+                self.format = "parquet"
+                meta = pq.ParquetFile(path)
+                self.schema, self.n_units = meta.schema_arrow, meta.metadata.num_row_groups
+                return
+            with pa.memory_map(path) as source:
+                try:
+                    reader = ipc.open_file(source)
+                    self.format, self.schema, self.n_units = "file", reader.schema, reader.num_record_batches
+                except pa.ArrowInvalid:  # not the file format: try the stream format (no footer, so count)
+                    source.seek(0)
+                    reader = ipc.open_stream(source)
+                    self.format, self.schema = "stream", reader.schema
+                    self.n_units = sum(1 for _ in reader)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ValueError(f"{path}: not a readable Arrow IPC or Parquet file ({e})") from None
+
+    def read_unit(self, index: int) -> pa.RecordBatch | pa.Table:
+        if self.format == "parquet":
+            return pq.ParquetFile(self.path).read_row_group(index)
+        with pa.memory_map(self.path) as source:  # mapped for this unit only, so RSS stays flat
+            if self.format == "file":
+                return ipc.open_file(source).get_batch(index)
+            for i, batch in enumerate(ipc.open_stream(source)):
+                if i == index:
+                    return batch
+        raise IndexError(index)
+
+
+@register("read_arrow")
+class ReadArrow(ShardedSource, Stage[dict]):
+    """Reads documents from Arrow IPC files (file or stream format) and Parquet files.
+
+    Shard units are record batches (Arrow) and row groups (Parquet), so one large file still spreads
+    over ranks and workers (``pipeline.shard``). Each item is a dict: ``text`` (from ``column``),
+    ``source`` (the file), ``shard`` (the unit in the file), ``record`` (the row in the unit), and the
+    file's other columns by name (a column named like one of those four is shadowed by it).
+
+    Args:
+        paths: files, globs or directories (directories: files ending .arrow, .ipc, .feather, .arrows, .parquet).
+        column: the text column (string or large_string).
+        columns: other columns to carry with each document (default: all of them).
+        on_null: a null text: ``error`` (naming file, shard and row) or ``skip`` (counted in ``stats``).
+        rank, world_size, shuffle, seed: as in ``read_text``.
+    """
+
+    in_workers = True  # worth running in DataLoader worker processes
+    produces = "documents"
+
+    def __init__(
+        self,
+        paths: str | list[str],
+        column: str = "text",
+        columns: list[str] | None = None,
+        on_null: str = "error",
+        rank: int | None = None,
+        world_size: int | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if on_null not in NULL_POLICIES:
+            raise ValueError(f"on_null must be one of {NULL_POLICIES}, got {on_null!r}")
+        self.files = [_ArrowFile(path) for path in expand_paths(paths, ARROW_SUFFIXES + (".parquet",))]
+        for f in self.files:
+            if column not in f.schema.names:
+                raise ValueError(f"{f.path}: no column `{column}` (columns: {', '.join(f.schema.names)}); set `column`")
+            if not _is_string(f.schema.field(column).type):
+                raise ValueError(f"{f.path}: column `{column}` is {f.schema.field(column).type}, not a string column")
+            for name in columns or ():
+                if name not in f.schema.names:
+                    raise ValueError(f"{f.path}: no column `{name}` to carry (columns: {', '.join(f.schema.names)})")
+        self.column, self.columns, self.on_null = column, columns, on_null
+        self.init_shards(rank, world_size, shuffle, seed)
+        self.units = [[i, j] for i, f in enumerate(self.files) for j in range(f.n_units)]
+        self._rows = None
+
+    def read(self, unit: list[int], position: int | None) -> tuple[dict, int] | None:
+        file = self.files[unit[0]]
+        if self._rows is None:
+            self._load(file, unit[1])
+        row = position or 0
+        texts, meta = self._rows
+        while row < len(texts) and texts[row] is None:
+            if self.on_null == "error":
+                raise self.error(
+                    f"null in text column `{self.column}`; set on_null: skip to go on",
+                    file.path,
+                    f"shard {unit[1]}, row {row}",
+                )
+            self.stats["null_documents_skipped"] += 1
+            row += 1
+        if row >= len(texts):
+            return None
+        doc = {name: values[row] for name, values in meta.items()}
+        doc.update(text=texts[row], source=file.path, shard=unit[1], record=row)
+        self.stats["documents"] += 1
+        return doc, row + 1
+
+    def close_unit(self) -> None:
+        self._rows = None
+
+    def _load(self, file: _ArrowFile, index: int) -> None:
+        try:
+            batch = file.read_unit(index)
+        except (pa.ArrowException, OSError) as e:
+            raise self.error(f"cannot read this shard ({e})", file.path, f"shard {index}") from None
+        names = self.columns if self.columns is not None else [n for n in batch.schema.names if n != self.column]
+        try:
+            self._rows = batch.column(self.column).to_pylist(), {n: batch.column(n).to_pylist() for n in names}
+        except UnicodeDecodeError:  # Arrow does not check UTF-8 on read: find the row
+            for name in [self.column, *names]:
+                for row, value in enumerate(batch.column(name)):
+                    try:
+                        value.as_py()
+                    except UnicodeDecodeError as e:
+                        raise self.error(
+                            f"invalid UTF-8 in column `{name}` ({e.reason})", file.path, f"shard {index}, row {row}"
+                        ) from None
+            raise

@@ -1,0 +1,72 @@
+"""``sliding_window``: the book's (input, target) windows over the token stream, in blocks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from pipeline.cursor import Cursor
+from pipeline.registry import register
+from pipeline.stage import Stage
+
+
+def _ids(item: Any) -> np.ndarray:
+    return item["ids"] if isinstance(item, dict) else np.asarray(item)
+
+
+@register("sliding_window")
+class SlidingWindow(Stage[np.ndarray]):
+    """Cuts the token stream into windows of ``max_length + 1`` tokens, ``stride`` apart.
+
+    Windows start at ``i in range(0, len(ids) - max_length, stride)`` over the whole stream (documents
+    joined), exactly the book's ``GPTDatasetV1``; row ``w`` of a block is ``ids[i : i + max_length + 1]``,
+    so the input is ``w[:-1]`` and the target ``w[1:]``. Each item is a block ``[n, max_length + 1]``
+    of up to ``block_windows`` windows (views, not copies). Tokens after the last window are counted in
+    ``stats`` as ``tail tokens``.
+
+    Args:
+        max_length: tokens in each input (and target).
+        stride: tokens between the starts of consecutive windows (may exceed ``max_length``).
+        block_windows: most windows in one block.
+    """
+
+    in_workers = True  # worth running in DataLoader worker processes
+    consumes = "tokens"
+    produces = "windows"
+
+    def __init__(self, source, max_length: int, stride: int, block_windows: int = 1024):
+        super().__init__()
+        for field, value in (("max_length", max_length), ("stride", stride), ("block_windows", block_windows)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field} must be a positive integer, got {value!r}")
+        self.source = source
+        self.max_length = max_length
+        self.stride = stride
+        self.block_windows = block_windows
+
+    def reset(self, initial_state: dict[str, Any] | None = None) -> None:
+        super().reset(initial_state)
+        self._cursor = Cursor(self.source, _ids)  # made here: Pipeline may rewire `source` before the first reset
+        self._cursor.reset(initial_state["cursor"] if initial_state is not None else None)
+        self._windowed = initial_state is not None and initial_state["windowed"]  # a window was made
+
+    def get_state(self) -> dict[str, Any]:
+        return {"cursor": self._cursor.state(), "windowed": self._windowed}
+
+    def next(self) -> np.ndarray:
+        span = self.max_length + 1
+        held = self._cursor.fill(span + self.stride * (self.block_windows - 1))
+        if held < span:
+            # tokens after the last window's target: the held ones, less those it covers (stride <
+            # span), plus those the stride jumped over and the stream never reached (stride > span)
+            tail = held + self.stride - span - self._cursor.skipping if self._windowed else held
+            self.stats["tail_tokens"] = max(tail, 0)
+            raise StopIteration
+        n = min(self.block_windows, (held - span) // self.stride + 1)
+        tokens = self._cursor.peek(span + self.stride * (n - 1))
+        self._cursor.advance(self.stride * n)
+        self._windowed = True
+        self.stats["windows"] += n
+        return sliding_window_view(tokens, span)[:: self.stride]

@@ -1,0 +1,119 @@
+"""The token-cache format: constants, the encoding's identity, the manifest, and the checks that refuse a stale cache.
+
+A cache folder holds ``tokens-NNNNN.arrow`` shards (Arrow IPC, rows of ``ids`` and ``source``) and
+``manifest.json``: the encoding (and a sha256 of its BPE ranks), the source files (size, mtime,
+sha256), the counts, the shards (tokens, bytes, sha256) and the config used.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+FORMAT, VERSION = "textpipe.token-shards", 1
+MANIFEST = "manifest.json"
+SHARD_NAME = "tokens-{:05d}.arrow"
+SHARD_TOKENS = 100_000_000  # ~200 MB a shard at uint16, like nanoGPT's fineweb shards
+BATCH_TOKENS = 1 << 20  # tokens per record batch: what the writer holds in memory (~4 MB as int32)
+
+
+class PrepareError(ValueError):
+    """prepare cannot go on; the message says why and what to do (the CLI exits 2 with it)."""
+
+
+
+def encoding_identity(encoding) -> dict[str, Any]:
+    """Name, sha256 of the BPE ranks (as a ``.tiktoken`` file lists them), vocabulary size, EOT id."""
+    # tiktoken 0.14's public API: the mergeable tokens' bytes, and each one's rank (its id)
+    ranks = sorted(((token, encoding.encode_single_token(token)) for token in encoding.token_byte_values()),
+                   key=lambda item: item[1])
+    digest = hashlib.sha256(b"".join(base64.b64encode(token) + b" %d\n" % rank for token, rank in ranks))
+    return {"name": encoding.name, "ranks_sha256": digest.hexdigest(), "n_vocab": encoding.n_vocab,
+            "eot_token": encoding.eot_token}
+
+
+def token_dtype(n_vocab: int) -> np.dtype:
+    return np.dtype(np.uint16 if n_vocab <= 1 << 16 else np.uint32)  # GPT-2: 50,257 ids < 2**16
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)  # hashlib releases the GIL on large updates: files hash in parallel
+    return digest.hexdigest()
+
+
+def describe_sources(paths: list[str]) -> list[dict[str, Any]]:
+    """Each source file: path (as the config names it), absolute path, size, mtime and sha256."""
+    with ThreadPoolExecutor(min(4, len(paths) or 1)) as pool:
+        hashes = list(pool.map(file_sha256, paths))
+    out = []
+    for path, sha in zip(paths, hashes):
+        st = os.stat(path)
+        out.append({"path": path, "abspath": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                    "sha256": sha})
+    return out
+
+
+def load_manifest(folder: str) -> dict[str, Any]:
+    """The manifest of a token cache; ``ValueError`` naming the folder when there is none."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        why = "does not exist" if not os.path.exists(folder) else f"has no {MANIFEST}"
+        raise ValueError(
+            f"path {folder!r} {why}: it is not a prepared token cache (an interrupted prepare leaves none); "
+            f"make one with `python -m pipeline prepare CONFIG --out {folder}`"
+        )
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"path {folder!r}: cannot read {MANIFEST} ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        found = (
+            (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else type(manifest).__name__
+        )
+        raise ValueError(f"path {folder!r}: {MANIFEST} is not a {FORMAT} manifest of version {VERSION} (found {found})")
+    return manifest
+
+
+def check_cache(folder: str, manifest: dict[str, Any]) -> None:
+    """Refuse (``ValueError`` naming the folder) missing or resized shards and changed source files.
+
+    Sizes are compared always; a source's sha256 only when its mtime moved (make's rule). Source files
+    absent here are not checked: the shards stand on their own (e.g. copied to a training machine).
+    """
+    for shard in manifest["shards"]:
+        path = os.path.join(folder, shard["file"])
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"path {folder!r}: shard {shard['file']} is missing; the cache is incomplete, prepare it again"
+            )
+        size = os.path.getsize(path)
+        if size != shard["bytes"]:
+            raise ValueError(
+                f"path {folder!r}: shard {shard['file']} has {size:,} bytes, the manifest says {shard['bytes']:,}; "
+                "the cache is damaged, prepare it again"
+            )
+    for source in manifest["sources"]:
+        path = source["abspath"]
+        if not os.path.exists(path):
+            continue
+        st = os.stat(path)
+        if st.st_size != source["size"]:
+            raise ValueError(
+                f"path {folder!r}: stale cache: source {source['path']} is now {st.st_size:,} bytes, it was "
+                f"{source['size']:,} when the cache was prepared; prepare it again (prepare --overwrite)"
+            )
+        if st.st_mtime_ns != source["mtime_ns"] and file_sha256(path) != source["sha256"]:
+            raise ValueError(
+                f"path {folder!r}: stale cache: source {source['path']} changed since the cache was prepared "
+                "(same size, another sha256); prepare it again (prepare --overwrite)"
+            )

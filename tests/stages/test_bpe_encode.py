@@ -1,0 +1,277 @@
+"""``bpe_encode`` and offline tiktoken encodings: many documents, separators, special tokens, files."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import random
+import socket
+
+import numpy as np
+import pytest
+import tiktoken.load
+from torchdata.nodes import IterableWrapper, Loader
+
+from pipeline import StageError
+from stages import encoding as encoding_module
+from stages.bpe_encode import BpeEncode
+from stages.encoding import EncodingFileMissing, load_encoding
+
+ENC = load_encoding("gpt2")
+EOT = 50256
+EOT_TEXT = "<|endoftext|>"
+URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
+
+WORDS = [
+    "",
+    " ",
+    "  ",
+    "\n",
+    "the",
+    " cat",
+    " sat",
+    "'s",
+    "42",
+    "é",
+    "naïve",
+    "中文",
+    "😀",
+    "\t",
+    ".",
+    "<|",
+    "|>",
+    "endoftext",
+]
+
+
+def random_texts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        words = rng.choices(WORDS, k=rng.randint(0, 12))
+        if rng.random() < 0.1:
+            words.insert(rng.randint(0, len(words)), EOT_TEXT)
+        texts.append("".join(words))
+    return texts
+
+
+def documents(texts: list[str]) -> IterableWrapper:
+    return IterableWrapper([{"text": t, "source": "s", "record": i, "last": True} for i, t in enumerate(texts)])
+
+
+def encode_all(texts: list[str], **kwargs) -> list[dict]:
+    return list(Loader(BpeEncode(documents(texts), **kwargs)))
+
+
+def book_stream(texts: list[str], encode, eot: bool = True) -> list[int]:
+    """The stream built plainly: each document's ids, <|endoftext|> before every one after the first."""
+    out: list[int] = []
+    for i, text in enumerate(texts):
+        out += ([EOT] if eot and i > 0 else []) + encode(text)
+    return out
+
+
+def flat(items: list[dict]) -> list[int]:
+    return [int(t) for item in items for t in item["ids"]]
+
+
+# --- many documents -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_bytes,num_threads", [(200, 2), (1, 1), (1 << 20, 2), (37, 3)])
+def test_many_small_documents(batch_bytes, num_threads):
+    texts = random_texts(500)
+    assert sum(EOT_TEXT in t for t in texts) > 10 and sum(t == "" for t in texts) > 3  # the mix is there
+    out = encode_all(texts, batch_bytes=batch_bytes, num_threads=num_threads)
+    assert flat(out) == book_stream(texts, ENC.encode_ordinary)
+    # one item per document, in order, its own ids (with the separator in front)
+    assert len(out) == len(texts)
+    assert [item["record"] for item in out] == list(range(len(texts)))
+    for i, (item, text) in enumerate(zip(out, texts)):
+        assert item["ids"].dtype == np.int32
+        assert item["ids"].tolist() == ([EOT] if i else []) + ENC.encode_ordinary(text)
+        assert "text" not in item and item["source"] == "s"
+
+
+def test_without_eot_no_separators():
+    texts = random_texts(200, seed=1)
+    out = encode_all(texts, eot=False, batch_bytes=50)
+    assert flat(out) == book_stream(texts, ENC.encode_ordinary, eot=False)
+
+
+@pytest.mark.parametrize("allowed", ["all", ["<|endoftext|>"]])
+def test_allowed_special_makes_the_literal_a_token(allowed):
+    texts = random_texts(300, seed=2)
+    out = encode_all(texts, allowed_special=allowed, batch_bytes=200)
+    expected = book_stream(texts, lambda t: ENC.encode(t, allowed_special="all"))
+    assert flat(out) == expected
+    # and that is the documents joined by <|endoftext|>, encoded with the special token allowed
+    assert flat(out) == ENC.encode(EOT_TEXT.join(texts), allowed_special={EOT_TEXT})
+    assert flat(out).count(EOT) == len(texts) - 1 + sum(t.count(EOT_TEXT) for t in texts)
+
+
+def test_the_literal_is_plain_text_by_default():
+    text = f"before {EOT_TEXT} after{EOT_TEXT}"
+    for kwargs in ({}, {"batch_bytes": 1}):
+        out = encode_all(["first", text, "last"], **kwargs)
+        ids = out[1]["ids"].tolist()
+        assert ids == [EOT] + ENC.encode_ordinary(text)
+        assert EOT not in ids[1:] and len(ids) > 3
+        assert flat(out).count(EOT) == 2  # the two separators only
+
+
+def test_empty_and_whitespace_documents_keep_their_separators():
+    texts = ["", "", " ", "a", "", "\n"]
+    assert flat(encode_all(texts, batch_bytes=1)) == book_stream(texts, ENC.encode_ordinary)
+    assert flat(encode_all(texts)) == book_stream(texts, ENC.encode_ordinary)
+
+
+@pytest.mark.parametrize("bad", [{"source": "f.txt", "record": 7}, {"text": 5, "source": "f.txt"}, "just a string"])
+def test_a_document_without_text_names_the_stage(bad):
+    node = BpeEncode(IterableWrapper([{"text": "fine", "source": "ok"}, bad]))
+    node.name = "my_encoder"
+    with pytest.raises(StageError) as info:
+        list(Loader(node))
+    assert "my_encoder" in str(info.value)
+    if isinstance(bad, dict):
+        assert "f.txt" in str(info.value)
+
+
+def test_bad_arguments():
+    for kwargs in ({"num_threads": 0}, {"batch_bytes": 0}, {"allowed_special": ["<|fim_prefix|>"]}):
+        with pytest.raises(ValueError):
+            BpeEncode(documents(["x"]), **kwargs)
+
+
+# --- encodings, offline -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """An empty tiktoken cache, no network, and a fresh encoding cache before and after."""
+    folder = tmp_path / "tiktoken-cache"
+    folder.mkdir()
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(folder))
+    monkeypatch.delenv("DATA_GYM_CACHE_DIR", raising=False)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    encoding_module._load.cache_clear()
+    yield folder
+    encoding_module._load.cache_clear()
+
+
+def r50k_file(path) -> str:
+    """r50k_base.tiktoken written from GPT-2's ranks (the same vocabulary; tiktoken checks the sha256)."""
+    ranks = sorted(ENC._mergeable_ranks.items(), key=lambda item: item[1])
+    path.write_bytes(b"".join(base64.b64encode(token) + b" %d\n" % rank for token, rank in ranks))
+    return str(path)
+
+
+def test_gpt2_loads_offline(cache_dir):
+    enc = load_encoding("gpt2")
+    assert enc is not ENC  # really rebuilt, from the packaged files, with no network
+    assert enc.n_vocab == 50257 and enc.eot_token == EOT
+    assert enc.encode("Hello, world") == [15496, 11, 995]  # GPT-2's published ids
+
+
+def test_missing_encoding_file_names_file_url_and_cache_path(cache_dir):
+    url = URL.format("cl100k_base")
+    with pytest.raises(EncodingFileMissing) as info:
+        load_encoding("cl100k_base")
+    message = str(info.value)
+    assert "cl100k_base.tiktoken" in message and url in message
+    assert os.path.join(str(cache_dir), hashlib.sha1(url.encode()).hexdigest()) in message
+    assert isinstance(info.value, FileNotFoundError)
+
+
+def test_the_named_cache_path_is_where_tiktoken_looks(cache_dir, tmp_path):
+    url = URL.format("r50k_base")
+    with pytest.raises(EncodingFileMissing) as info:
+        load_encoding("r50k_base")
+    named = os.path.join(str(cache_dir), hashlib.sha1(url.encode()).hexdigest())
+    assert named in str(info.value)
+    r50k_file(tmp_path / "r50k_base.tiktoken")
+    os.replace(tmp_path / "r50k_base.tiktoken", named)
+    enc = load_encoding("r50k_base")
+    assert enc.encode_ordinary("It's 2024 — naïve café!") == ENC.encode_ordinary("It's 2024 — naïve café!")
+
+
+def test_the_named_cache_path_works_when_the_cache_is_disabled(cache_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
+    monkeypatch.setenv("DATA_GYM_CACHE_DIR", str(cache_dir))
+    url = URL.format("r50k_base")
+    with pytest.raises(EncodingFileMissing) as info:
+        load_encoding("r50k_base")
+    named = os.path.join(str(cache_dir), hashlib.sha1(url.encode()).hexdigest())
+    assert named in str(info.value)  # the hint names this path...
+    r50k_file(tmp_path / "r50k_base.tiktoken")
+    os.replace(tmp_path / "r50k_base.tiktoken", named)
+    load_encoding("r50k_base")  # ...so a file put there must be used
+
+
+def test_unknown_encoding_lists_known_names(cache_dir):
+    with pytest.raises(ValueError) as info:
+        load_encoding("nope")
+    for known in ("gpt2", "r50k_base", "cl100k_base"):
+        assert known in str(info.value)
+
+
+def test_encoding_files_that_do_not_exist(cache_dir, tmp_path):
+    missing = str(tmp_path / "nowhere" / "cl100k_base.tiktoken")
+    with pytest.raises(FileNotFoundError) as info:
+        load_encoding("cl100k_base", {"cl100k_base.tiktoken": missing})
+    assert missing in str(info.value)
+
+
+def test_encoding_files_with_wrong_content_fail_the_hash_check(cache_dir, tmp_path):
+    wrong = tmp_path / "r50k_base.tiktoken"
+    wrong.write_bytes(b"SGVsbG8= 0\n")
+    with pytest.raises(ValueError, match="(?i)hash"):
+        load_encoding("r50k_base", {"r50k_base.tiktoken": str(wrong)})
+    assert os.listdir(cache_dir) == []  # nothing bad was cached
+
+
+def test_encoding_files_give_a_working_encoding(cache_dir, tmp_path):
+    path = r50k_file(tmp_path / "r50k_base.tiktoken")
+    texts = random_texts(100, seed=5)
+    out = encode_all(texts, encoding="r50k_base", encoding_files={"r50k_base.tiktoken": path}, batch_bytes=64)
+    assert flat(out) == book_stream(texts, ENC.encode_ordinary)  # r50k_base is GPT-2's vocabulary
+
+
+def test_load_encoding_is_cached_per_arguments(cache_dir, tmp_path):
+    assert load_encoding("gpt2") is load_encoding("gpt2")
+    path = r50k_file(tmp_path / "r50k_base.tiktoken")
+    files = {"r50k_base.tiktoken": path}
+    assert load_encoding("r50k_base", files) is load_encoding("r50k_base", dict(files))
+    assert tiktoken.load.read_file.__module__ == "tiktoken.load"  # the offline patch did not leak
+
+
+def p50k_file(path) -> str:
+    """p50k_base.tiktoken: GPT-2's ranks plus runs of 2..25 spaces at 50257..50280 (tiktoken checks the sha256)."""
+    ranks = sorted(ENC._mergeable_ranks.items(), key=lambda item: item[1])
+    ranks += [(b" " * n, 50257 + i) for i, n in enumerate(range(2, 26))]
+    path.write_bytes(b"".join(base64.b64encode(token) + b" %d\n" % rank for token, rank in ranks))
+    return str(path)
+
+
+FIM_TEXTS = ["def f():", "    return 1  # <|fim_prefix|> in a comment", "x = <|fim_middle|>", "end"]
+
+
+def test_other_special_tokens_when_allowed(cache_dir, tmp_path):
+    files = {"p50k_base.tiktoken": p50k_file(tmp_path / "p50k_base.tiktoken")}
+    edit = load_encoding("p50k_edit", files)  # <|endoftext|> plus the three FIM tokens
+    out = encode_all(FIM_TEXTS, encoding="p50k_edit", encoding_files=files, allowed_special="all")
+    assert flat(out) == book_stream(FIM_TEXTS, lambda t: edit.encode(t, allowed_special="all"))
+    assert 50281 in flat(out) and 50282 in flat(out)
+
+
+@pytest.mark.parametrize("batch_bytes", [1, 1 << 20])
+def test_other_special_tokens_are_plain_text_by_default(cache_dir, tmp_path, batch_bytes):
+    files = {"p50k_base.tiktoken": p50k_file(tmp_path / "p50k_base.tiktoken")}
+    edit = load_encoding("p50k_edit", files)
+    out = encode_all(FIM_TEXTS, encoding="p50k_edit", encoding_files=files, batch_bytes=batch_bytes)
+    assert flat(out) == book_stream(FIM_TEXTS, edit.encode_ordinary)
