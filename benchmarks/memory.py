@@ -80,17 +80,6 @@ class PeakRss(threading.Thread):
         self.sample()
 
 
-def _shutdown_workers(pipe) -> None:
-    """Stop the worker processes of a run cut short, so they are reaped and counted in RUSAGE_CHILDREN."""
-    from pipeline.stage import upstream_nodes
-    from pipeline.workers import Workers
-
-    for node in upstream_nodes(pipe.root):
-        iterator = getattr(node, "_iterator", None) if isinstance(node, Workers) else None
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
-
-
 def run_child(corpus: Path, num_workers: int, max_seconds: float) -> dict:
     from pipeline import Pipeline
     from pipeline.stage import upstream_nodes
@@ -114,7 +103,7 @@ def run_child(corpus: Path, num_workers: int, max_seconds: float) -> dict:
             break
     seconds = time.perf_counter() - t0
     state = pipe.state_dict() if stopped else None
-    _shutdown_workers(pipe)
+    pipe.close()  # stop the workers of a run cut short, so they are reaped and counted in RUSAGE_CHILDREN
     sampler.stop()
     return {
         "peak_rss_sum_mb": sampler.peak_sum / mb, "peak_rss_main_mb": sampler.peak_self / mb,

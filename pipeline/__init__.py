@@ -5,7 +5,7 @@
 
 from pipeline.config import load_config
 from pipeline.graph import Pipeline
-from pipeline.registry import STAGES, ConfigError, register
+from pipeline.registry import STAGES, ConfigError, provided, register
 from pipeline.stage import Stage, StageError
 
 __all__ = [
@@ -21,8 +21,6 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name == "create_dataloader_v1":  # the book's drop-in, built from the concrete stages
-        from stages.book import create_dataloader_v1
-
-        return create_dataloader_v1
+    if name == "create_dataloader_v1":  # the book's drop-in, from the stage types' package (see pipeline.registry)
+        return provided(name)
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

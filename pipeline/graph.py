@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -13,9 +12,9 @@ from torchdata.nodes import BaseNode, Loader
 
 from pipeline.config import load_config
 from pipeline.registry import ConfigError, did_you_mean, stage_class
-from pipeline.schema import check_value, fields, takes
-from pipeline.shard import ShardedSource, resolve_rank
-from pipeline.stage import inputs_of, upstream_nodes
+from pipeline.schema import FieldError, check_field, fields, takes
+from pipeline.shard import ShardedSource
+from pipeline.stage import RunContext, Stage, inputs_of, upstream_nodes
 from pipeline.workers import Workers
 
 STATE_VERSION = 1
@@ -49,11 +48,11 @@ def _check_ref(ref: str, specs: Mapping[str, Any], stage: str, key: str) -> str:
     if base not in specs:
         raise ConfigError(f"`{key}` names `{ref}`, which is not a stage{did_you_mean(ref, specs)}", stage, key)
     if dot:
-        fractions = specs[base].get("fractions")
-        if specs[base].get("type") != "split" or not isinstance(fractions, Mapping):
+        branches = stage_class(specs[base].get("type"), base).branch_names(specs[base])
+        if not branches:
             raise ConfigError(f"`{key}` names `{ref}`, but `{base}` is not a split stage with branches", stage, key)
-        if branch not in fractions:
-            raise ConfigError(f"split `{base}` has no branch `{branch}`{did_you_mean(branch, fractions)}", stage, key)
+        if branch not in branches:
+            raise ConfigError(f"split `{base}` has no branch `{branch}`{did_you_mean(branch, branches)}", stage, key)
     return base
 
 
@@ -85,8 +84,10 @@ def check_config(config: Mapping[str, Any]) -> dict[str, list[str]]:
                 raise ConfigError(
                     f"unknown field `{field}` for type `{cls.type_name}`{did_you_mean(field, schema)}", name, field
                 )
-            if not check_value(schema[field].hint, value):
-                raise ConfigError(f"field `{field}` must be {schema[field].type_text()}, got {value!r}", name, field)
+            try:
+                check_field(field, schema[field].hint, value)
+            except FieldError as e:
+                raise ConfigError(str(e), name, e.field) from None
         for field in schema.values():
             if field.required and field.name not in spec:
                 raise ConfigError(f"missing required field `{field.name}` for type `{cls.type_name}`", name, field.name)
@@ -146,51 +147,28 @@ def build_stages(config: Mapping[str, Any]) -> dict[str, BaseNode]:
                 node = cls(sources, **spec)
             else:
                 node = cls(*sources, **spec)
-        except (ValueError, TypeError, FileNotFoundError) as e:
-            field = re.match(r"\W*(\w+)", str(e))
-            raise ConfigError(str(e), name, field.group(1) if field and field.group(1) in spec else None) from e
+        except (ValueError, TypeError, FileNotFoundError) as e:  # the field, where a validator named it
+            raise ConfigError(str(e), name, e.field if isinstance(e, FieldError) else None) from e
         node.name = name
         built[name] = node
         return node
 
     for name in specs:
         build(name)
-    _check_across(built)
     return built
 
 
 def _node(ref: str, build) -> BaseNode:
-    """The node a reference names: a stage, or a fresh branch of a split."""
+    """The node a reference names: a stage, or a fresh branch of one (``split.train``)."""
     base, dot, branch = ref.partition(".")
-    if not dot:
-        return build(base)
-    from stages.split import Branch
-
-    return Branch(build(base), branch)
+    return build(base).branch(branch) if dot else build(base)
 
 
-def _check_across(built: Mapping[str, BaseNode]) -> None:
-    """Checks that need two stages: windows longer than a position table, ids beyond a token table."""
-    for name, node in built.items():
-        context, vocab = getattr(node, "context_length", None), getattr(node, "vocab_size", None)
-        if context is None:
-            continue
-        for upstream in upstream_nodes(node)[1:]:
-            max_length = getattr(upstream, "max_length", None)
-            if max_length is not None and max_length > context:
-                raise ConfigError(
-                    f"context_length {context} is shorter than the windows of stage `{upstream.name}` (max_length "
-                    f"{max_length})",
-                    name,
-                    "context_length",
-                )
-            ids = getattr(upstream, "vocab_size", None)
-            if vocab is not None and ids is not None and ids > vocab:
-                raise ConfigError(
-                    f"vocab_size {vocab} is smaller than the {ids} token ids stage `{upstream.name}` can produce",
-                    name,
-                    "vocab_size",
-                )
+def check_stages(nodes: list[BaseNode]) -> None:
+    """Each stage's own check against the stages upstream of it (``Stage.check_upstream``)."""
+    for node in nodes:
+        if isinstance(node, Stage):
+            node.check_upstream(upstream_nodes(node)[1:])
 
 
 def _digest(value: Any) -> str:
@@ -201,12 +179,12 @@ def _with_workers(root: BaseNode, num_workers: int) -> BaseNode:
     """Put a ``Workers`` node above the topmost stage worth running in workers; return the new root."""
     if any(isinstance(n, Workers) for n in upstream_nodes(root)):
         raise ValueError("the pipeline already has a Workers stage; pass num_workers to one or the other")
-    if getattr(root, "in_workers", False):
+    if isinstance(root, Stage) and root.in_workers:
         return Workers(root, num_workers)
     node = root
     while len(inputs_of(node)) == 1:
         source = inputs_of(node)[0]
-        if getattr(source, "in_workers", False):
+        if isinstance(source, Stage) and source.in_workers:
             node.source = Workers(source, num_workers)
             return root
         node = source
@@ -249,8 +227,8 @@ class Pipeline:
                 raise ConfigError(
                     f"output `{output}` is not a stage{did_you_mean(output, self.stages)}", field="output"
                 )
-            if dot and branch not in getattr(self.stages[base], "branches", []):
-                branches = getattr(self.stages[base], "branches", [])
+            branches = self.stages[base].branches if isinstance(self.stages[base], Stage) else ()
+            if dot and branch not in branches:
                 raise ConfigError(
                     f"output `{output}`: `{base}` has no branch `{branch}`{did_you_mean(branch, branches)}",
                     field="output",
@@ -258,14 +236,11 @@ class Pipeline:
             root = _node(output, self.stages.__getitem__) if dot else self.stages[base]
         self.output = getattr(root, "name", output)
         _check_consumed_once(root)
-        if rank is not None or world_size is not None:
-            for node in upstream_nodes(root):
-                if isinstance(node, ShardedSource):
-                    node.rank, node.world_size = resolve_rank(
-                        node.rank if rank is None else rank, node.world_size if world_size is None else world_size
-                    )
+        check_stages(list(self.stages.values()) + upstream_nodes(root))
         self.num_workers = num_workers
         self.root = _with_workers(root, num_workers) if num_workers else root
+        if (rank is not None or world_size is not None) and isinstance(self.root, Stage):
+            self.root.set_context(RunContext(rank=rank, world_size=world_size))  # else each reader's own place
         self.loader = Loader(self.root)
 
     @classmethod
@@ -276,8 +251,6 @@ class Pipeline:
 
         ``loader`` takes the constructor's keywords: ``rank``, ``world_size``, ``num_workers``.
         """
-        import stages as _  # noqa: F401  (registers the stage types)
-
         spec = load_config(config)
         built = build_stages(spec)
         return cls(built, output=output if output is not None else spec.get("output"), **loader)
@@ -304,7 +277,8 @@ class Pipeline:
     @property
     def embedding(self):
         """The embed stage's module (``tok_emb``, ``pos_emb``), for the optimizer; None without one."""
-        return next((node.module for node in upstream_nodes(self.root) if hasattr(node, "module")), None)
+        stages = [node for node in upstream_nodes(self.root) if isinstance(node, Stage)]
+        return next((node.module for node in stages if node.module is not None), None)
 
     def state_dict(self) -> dict[str, Any]:
         """Where the stream stands: positions, epochs and seeds (JSON-serializable, no data)."""
@@ -331,32 +305,32 @@ class Pipeline:
 
     def _fingerprint(self) -> dict[str, Any]:
         """What a saved state must match: the graph, the corpus files (with sizes), rank and workers."""
-        nodes = [n for n in reversed(upstream_nodes(self.root)) if hasattr(n, "params")]
+        nodes = [n for n in reversed(upstream_nodes(self.root)) if isinstance(n, Stage) and n.params is not None]
         graph = [
             [n.name, n.type_name, {k: v for k, v in n.params.items() if k not in ("rank", "world_size")}] for n in nodes
         ]
         readers = [n for n in nodes if isinstance(n, ShardedSource)]
-        files = [getattr(f, "path", f) for n in readers for f in n.files]
+        files = [path for n in readers for path in n.paths()]
         corpus = [[f, os.path.getsize(f) if os.path.exists(f) else None] for f in files]
         return {
             "graph": _digest(graph),
             "corpus": _digest(corpus),
-            "rank": [n.rank for n in readers],
-            "world_size": [n.world_size for n in readers],
+            "rank": [n.place()[0] for n in readers],
+            "world_size": [n.place()[1] for n in readers],
             "num_workers": self.num_workers,
         }
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Counters of every stage on the output's path, upstream first."""
-        return {node.name: dict(node.stats) for node in reversed(upstream_nodes(self.root)) if hasattr(node, "stats")}
+        return {node.name: dict(node.stats) for node in reversed(upstream_nodes(self.root)) if isinstance(node, Stage)}
 
     def __repr__(self) -> str:
         lines = [f"Pipeline(output={self.output!r}, num_workers={self.num_workers})"]
         for node in reversed(upstream_nodes(self.root)):
-            if hasattr(node, "type_name"):
+            if isinstance(node, Stage):
                 inputs = ", ".join(getattr(n, "name", "?") for n in inputs_of(node))
-                params = node.settings() if hasattr(node, "settings") else ""
-                gives = f" -> {node.produces}" if getattr(node, "produces", None) else ""
+                params = node.settings()
+                gives = f" -> {node.produces}" if node.produces else ""
                 lines.append(f"  {node.name}: {node.type_name}({params}){' <- ' + inputs if inputs else ''}{gives}")
         return "\n".join(lines)
 

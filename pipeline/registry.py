@@ -1,12 +1,21 @@
-"""Stage types by name."""
+"""Stage types by name: the one place that loads them (the packages in ``PROVIDERS``, by name, on first use).
+
+The engine never imports a stage: a stage module registers its class with ``@register`` when it is
+imported, and a lookup of an unknown type imports the providers first.
+"""
 
 from __future__ import annotations
 
 import difflib
 import functools
+import importlib
 import inspect
+from typing import Any
+
+from pipeline.schema import check_arguments
 
 STAGES: dict[str, type] = {}
+PROVIDERS: list[str] = ["stages"]  # packages whose import registers stage types (and public helpers)
 
 
 class ConfigError(ValueError):
@@ -36,6 +45,7 @@ def register(type_name: str):
             bound = signature.bind(self, *args, **kwargs)
             bound.apply_defaults()
             self.params = {k: v for k, v in bound.arguments.items() if k not in ("self", "source", "sources")}
+            check_arguments(cls, self.params)
             init(self, *args, **kwargs)
 
         cls.__init__ = __init__
@@ -44,15 +54,34 @@ def register(type_name: str):
     return decorate
 
 
+def load_stage_types() -> dict[str, type]:
+    """Import every provider package (registering its stage types); return ``STAGES``."""
+    for name in PROVIDERS:
+        importlib.import_module(name)
+    return STAGES
+
+
+def provided(name: str) -> Any:
+    """A public name of a provider package (``create_dataloader_v1``), for ``pipeline``'s namespace."""
+    load_stage_types()
+    for package in PROVIDERS:
+        module = importlib.import_module(package)
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+
+
 def did_you_mean(word: str, choices) -> str:
     close = difflib.get_close_matches(word, [str(c) for c in choices], n=1)
     return f"; did you mean `{close[0]}`?" if close else ""
 
 
 def stage_class(type_name, stage: str) -> type:
+    """The class registered as ``type_name`` (the providers loaded first when it is not known yet)."""
+    if not isinstance(type_name, str) or type_name not in STAGES:
+        load_stage_types()
     if not isinstance(type_name, str) or type_name not in STAGES:
         known = ", ".join(sorted(STAGES))
-        raise ConfigError(
-            f"unknown type `{type_name}`{did_you_mean(str(type_name), STAGES)} (known: {known})", stage, "type"
-        )
+        raise ConfigError(f"unknown type `{type_name}`{did_you_mean(str(type_name), STAGES)} (known: {known})",
+                          stage, "type")
     return STAGES[type_name]

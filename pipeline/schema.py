@@ -1,26 +1,77 @@
 """Each stage type's schema, defined once, by its constructor: fields, types, defaults, descriptions.
 
 Configs are checked against it (unknown field, wrong type) before anything is built, and the README's
-reference section is generated from it (``python -m pipeline reference``).
+reference section is generated from it (``python -m pipeline reference``, in ``pipeline.cli.reference``).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 
-ITEMS = {
-    "documents": "dicts: `text`, `source`, and where it came from (`offset`, `end` in a text file; "
-    "`shard`, `record` and the other columns in Arrow/Parquet)",
-    "tokens": "dicts: `ids` (numpy int32 [n]) and the document's other fields",
-    "windows": "numpy int32 blocks [n, max_length + 1]: input `row[:-1]`, target `row[1:]`",
-    "batches": "dicts: `inputs`, `targets` (torch int64 [B, T]); after `embed` also `embeddings` [B, T, D]",
-}
+POSITIVE = "positive"  # a range rule, written in a field's hint
+Positive = Annotated[int, POSITIVE]  # an integer >= 1
+
+
+class FieldError(ValueError, TypeError):
+    """A stage argument is wrong; ``field`` names it (a config reports it as the stage's field).
+
+    Both a ValueError and a TypeError: the checks it replaced raised one or the other.
+    """
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class MissingFileError(FileNotFoundError, FieldError):
+    """A file a field names does not exist."""
+
+    def __init__(self, field: str, message: str):
+        FileNotFoundError.__init__(self, message)
+        self.field = field
+
+
+def check_field(name: str, hint: Any, value: Any) -> None:
+    """The one check of a field's type and range, for configs and Python callers alike (``FieldError``)."""
+    base, rules = _unwrap(hint)
+    if POSITIVE in rules and not (check_value(base, value) and value >= 1):
+        raise FieldError(name, f"{name} must be a positive integer, got {value!r}")
+    if not check_value(base, value):
+        raise FieldError(name, f"field `{name}` must be {type_text(base)}, got {value!r}")
+
+
+def one_of(name: str, value: Any, choices: tuple) -> None:
+    """Refuse a value outside ``choices`` (``FieldError`` naming the field)."""
+    if value not in choices:
+        raise FieldError(name, f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_arguments(cls: type, arguments: dict[str, Any]) -> None:
+    """Check the arguments a stage is built with against the range rules of its fields (``Positive``)."""
+    for name, field in fields(cls).items():
+        if name in arguments and _unwrap(field.hint)[1]:
+            check_field(name, field.hint, arguments[name])
+
+
+def _unwrap(hint: Any) -> tuple[Any, tuple]:
+    """A hint's type and its rules (``Annotated[int, POSITIVE]`` -> ``(int, (POSITIVE,))``)."""
+    if typing.get_origin(hint) is Annotated:
+        return typing.get_args(hint)[0], hint.__metadata__
+    return hint, ()
+
+
+def type_text(hint: Any) -> str:
+    hint = _unwrap(hint)[0]
+    if hint is inspect.Parameter.empty:
+        return "any"
+    return re.sub(r"\btyping\.", "", str(hint) if not isinstance(hint, type) else hint.__name__)
 
 
 @dataclass
@@ -35,15 +86,14 @@ class Field:
         return self.default is inspect.Parameter.empty
 
     def type_text(self) -> str:
-        if self.hint is inspect.Parameter.empty:
-            return "any"
-        return re.sub(r"\btyping\.", "", str(self.hint) if not isinstance(self.hint, type) else self.hint.__name__)
+        return type_text(self.hint)
 
 
+@functools.lru_cache(maxsize=None)
 def fields(cls: type) -> dict[str, Field]:
     """The fields a config may give a stage type (its constructor's arguments, less ``source``)."""
     init = getattr(cls.__init__, "__wrapped__", cls.__init__)
-    hints = typing.get_type_hints(init)
+    hints = typing.get_type_hints(init, include_extras=True)
     docs = _arg_docs(cls.__doc__ or "")
     out = {}
     for name, param in inspect.signature(init).parameters.items():
@@ -82,6 +132,7 @@ def _arg_docs(doc: str) -> dict[str, str]:
 
 def check_value(hint: Any, value: Any) -> bool:
     """Whether ``value`` (from a YAML/TOML/JSON config) fits the type ``hint``."""
+    hint = _unwrap(hint)[0]
     if hint is inspect.Parameter.empty or hint is Any:
         return True
     origin = typing.get_origin(hint)
@@ -112,25 +163,3 @@ def check_value(hint: Any, value: Any) -> bool:
     if isinstance(hint, type):
         return isinstance(value, hint)
     return True
-
-
-def reference_markdown(stages: dict[str, type]) -> str:
-    """The README's stage reference, one table per stage type."""
-    parts = []
-    for name in sorted(stages):
-        cls = stages[name]
-        summary = inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].replace("\n", " ")
-        inputs = {"none": "none (reads files)", "one": "`input`: one stage", "many": "`inputs`: several stages"}[
-            takes(cls)
-        ]
-        parts.append(
-            f"### `{name}`\n\n{summary}\n\n"
-            f"- input: {inputs}; takes: {getattr(cls, 'consumes', None) or '-'}\n- gives: {cls.produces}\n\n"
-            "| field | type | default | description |\n| --- | --- | --- | --- |"
-        )
-        for f in fields(cls).values():
-            default = "required" if f.required else f"`{f.default!r}`"
-            cells = [f"`{f.name}`", f"`{f.type_text()}`", default, f.description]
-            parts[-1] += "\n| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
-    kinds = "\n".join(f"- **{kind}**: {text}" for kind, text in ITEMS.items())
-    return f"Items on the edges:\n\n{kinds}\n\n" + "\n\n".join(parts) + "\n"

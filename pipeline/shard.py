@@ -13,6 +13,9 @@ import warnings
 import numpy as np
 import torch
 
+from pipeline.schema import check_field
+from pipeline.stage import RunContext
+
 
 def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
     """``(rank, world_size)``: the given values, else ``torch.distributed``'s, else ``RANK``/``WORLD_SIZE``,
@@ -29,18 +32,13 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tupl
     return rank, world_size
 
 
-def worker_slot(rank: int, world_size: int) -> tuple[int, int]:
+def worker_slot(rank: int, world_size: int, context: RunContext) -> tuple[int, int]:
     """``(g, G)``: this process's global worker index and the number of workers over all ranks."""
-    info = torch.utils.data.get_worker_info()
-    worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-    return rank * num_workers + worker_id, world_size * num_workers
+    return rank * context.num_workers + context.worker, world_size * context.num_workers
 
 
-def assign_units(
-    n_units: int, rank: int, world_size: int, shuffle: bool, seed: int, epoch: int, name: str
-) -> list[int]:
-    """The unit indices this worker reads this epoch, in order."""
-    g, G = worker_slot(rank, world_size)
+def assign_units(n_units: int, g: int, G: int, shuffle: bool, seed: int, epoch: int, name: str) -> list[int]:
+    """The unit indices global worker ``g`` of ``G`` reads this epoch, in order."""
     order = np.arange(n_units)
     if shuffle:
         order = np.random.default_rng([seed, epoch]).permutation(n_units)
@@ -52,24 +50,40 @@ def assign_units(
 
 
 class ShardedSource:
-    """Mixin for reader stages: a list of shard units, this worker's share of them, and a position.
+    """Mixin for reader stages (before ``Stage`` in the bases): shard units, this worker's share, a position.
 
     A subclass sets ``self.units`` (JSON-able descriptions) in ``__init__`` and implements
     ``read(unit, position) -> (item, next_position) | None`` (None: the unit is done) and
     ``close_unit()``. The state is ``{epoch, index, position}``: which of this worker's units it is
-    in, and where inside it; never data.
+    in, and where inside it; never data. Its place among ranks and workers comes from the run context
+    (``Stage.set_context``), else from its own ``rank`` / ``world_size``.
     """
 
     def init_shards(self, rank: int | None, world_size: int | None, shuffle: bool, seed: int) -> None:
-        self.rank, self.world_size = resolve_rank(rank, world_size)
-        if not isinstance(seed, int):
-            raise TypeError(f"seed must be an integer, got {seed!r}")
+        self.rank, self.world_size = resolve_rank(rank, world_size)  # its own; a run context may name others
+        check_field("seed", int, seed)
         self.shuffle, self.seed = shuffle, seed
         self._epoch = -1
 
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next ``reset()`` start epoch ``epoch`` (for copies in worker processes)."""
-        self._epoch = epoch - 1
+    def paths(self) -> list[str]:
+        """The files this reader reads (a saved state is checked against their sizes)."""
+        return [os.fspath(f) for f in self.files]
+
+    def place(self) -> tuple[int, int]:
+        """``(rank, world_size)`` of the coming passes: the run context's, else this reader's own."""
+        context = self.context
+        return resolve_rank(self.rank if context.rank is None else context.rank,
+                            self.world_size if context.world_size is None else context.world_size)
+
+    def slot(self) -> tuple[int, int]:
+        """``(g, G)``: this copy's global worker index, and the number of workers over all ranks."""
+        return worker_slot(*self.place(), self.context)
+
+    def set_context(self, context: RunContext) -> None:
+        super().set_context(context)
+        self.place()  # refuse an impossible rank now
+        if context.epoch is not None:
+            self._epoch = context.epoch - 1  # the next reset() starts it
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
@@ -78,9 +92,7 @@ class ShardedSource:
             self._epoch, self._index, self._position = self._epoch + 1, 0, None
         else:
             self._epoch, self._index, self._position = (initial_state[k] for k in ("epoch", "index", "position"))
-        self._assigned = assign_units(
-            len(self.units), self.rank, self.world_size, self.shuffle, self.seed, self._epoch, self.name
-        )
+        self._assigned = assign_units(len(self.units), *self.slot(), self.shuffle, self.seed, self._epoch, self.name)
 
     def get_state(self) -> dict:
         return {"epoch": self._epoch, "index": self._index, "position": self._position}

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import torch
 from torchdata.nodes import BaseNode
+
+from pipeline.schema import fields
 
 T = TypeVar("T")
 
@@ -40,6 +45,22 @@ class Counters(Counter):
         return type(self), (dict(self),), {"labels": self.labels}
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """Where and when a pass runs, handed from the output stage down to every input (``Stage.set_context``).
+
+    ``rank``/``world_size``: this process among the ranks (None: each reader's own, from its arguments
+    or the environment); ``worker``/``num_workers``: this DataLoader worker among its rank's (0 of 1
+    in the main process); ``epoch``: the epoch the next ``reset()`` starts (None: the one after the last).
+    """
+
+    rank: int | None = None
+    world_size: int | None = None
+    worker: int = 0
+    num_workers: int = 1
+    epoch: int | None = None
+
+
 class Stage(BaseNode[T]):
     """A resumable pipeline stage.
 
@@ -47,17 +68,44 @@ class Stage(BaseNode[T]):
     this base adds ``name`` (the stage's name in its graph, set by the builder), ``stats`` (``Counters``
     the CLI reports, with ``items`` given and ``seconds`` spent, inputs included) and ``error`` (a
     ``StageError`` naming this stage).
+
+    What the engine knows of a stage is written here, as class attributes and hooks with defaults:
+    the item kinds taken and given, whether it is worth running in workers, its parameters, a module
+    to train, its branches, its check against the stages upstream of it, and the run context.
     """
 
     type_name = "stage"
     in_workers = False  # True for stages worth running in DataLoader workers (read, encode, window)
-    consumes: str | None = None  # the kind of item taken (see pipeline.schema.ITEMS); None: reads files
+    consumes: str | None = None  # the kind of item taken; None: reads files
     produces: str | None = None  # the kind of item given
+    params: dict[str, Any] | None = None  # the arguments it was built with (set by ``register``)
+    module: torch.nn.Module | None = None  # parameters to train with the model (``Pipeline.embedding``)
+    branches: tuple[str, ...] | list[str] = ()  # the names of its outputs besides itself (``name.branch``)
+    context = RunContext()
 
     def __init__(self) -> None:
         super().__init__()
         self.name = self.type_name
         self.stats = Counters()
+
+    @classmethod
+    def branch_names(cls, spec: Mapping[str, Any]) -> list[str]:
+        """The branches a config entry of this type makes (checked before anything is built)."""
+        return []
+
+    def branch(self, name: str) -> BaseNode:
+        """The stage that gives branch ``name`` of this one."""
+        raise ValueError(f"stage `{self.name}` has no branch `{name}`")
+
+    def check_upstream(self, upstream: list[BaseNode]) -> None:
+        """Refuse (``ConfigError`` naming this stage and field) stages upstream that this one cannot follow."""
+
+    def set_context(self, context: RunContext) -> None:
+        """Run the coming passes in ``context``; handed on to every input."""
+        self.context = context
+        for source in inputs_of(self):
+            if isinstance(source, Stage):
+                source.set_context(context)
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
@@ -74,19 +122,14 @@ class Stage(BaseNode[T]):
 
     def error(self, message: str, source: str | None = None, record: Any = None) -> StageError:
         """A ``StageError`` whose message starts with this stage, the file and the record."""
-        where = (
-            f"stage '{self.name}'"
-            + (f", file {source}" if source else "")
-            + (f", {record}" if record is not None else "")
-        )
+        where = f"stage '{self.name}'" + (f", file {source}" if source else "")
+        where += f", {record}" if record is not None else ""
         return StageError(f"{where}: {message}", self.name, source, record)
 
     def settings(self) -> str:
         """The parameters this stage was built with that differ from their defaults, as ``k=v, ...``."""
-        from pipeline.schema import fields
-
-        defaults = {name: f.default for name, f in fields(type(self)).items()} if hasattr(self, "params") else {}
-        return ", ".join(f"{k}={v!r}" for k, v in getattr(self, "params", {}).items() if defaults.get(k, object()) != v)
+        defaults = {name: f.default for name, f in fields(type(self)).items()} if self.params is not None else {}
+        return ", ".join(f"{k}={v!r}" for k, v in (self.params or {}).items() if defaults.get(k, object()) != v)
 
     def __repr__(self) -> str:
         params = self.settings()

@@ -8,13 +8,15 @@ import signal
 import sys
 import warnings
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.nodes import BaseNode
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from pipeline.stage import Stage, upstream_nodes
+from pipeline.schema import Positive, check_field
+from pipeline.stage import RunContext, Stage, upstream_nodes
 
 
 def _as_is(item: Any) -> Any:
@@ -35,7 +37,7 @@ def _stats_delta(chain: list[BaseNode], sent: list[Counter]) -> list[dict[str, i
     """What each stage's counters gained since the last call (updates ``sent``)."""
     delta = []
     for node, before in zip(chain, sent):
-        now = getattr(node, "stats", Counter())
+        now = node.stats if isinstance(node, Stage) else Counter()
         delta.append({k: v - before[k] for k, v in now.items() if v != before[k]})
         before.clear()
         before.update(now)
@@ -47,15 +49,15 @@ class _NodeDataset(IterableDataset):
 
     def __init__(self, root: BaseNode):
         self.root = root
-        self.epoch = 0  # set in the main process before each epoch's workers start
+        self.context = RunContext(epoch=0)  # set in the main process before each epoch's workers start
         self._pending: dict | None = None  # a state to resume from at the next __iter__
         self._started = False
 
     def __iter__(self):
-        if self._pending is None:
-            for node in upstream_nodes(self.root):
-                if hasattr(node, "set_epoch"):  # readers and mixes draw per epoch
-                    node.set_epoch(self.epoch)
+        info = get_worker_info()  # this copy's place among the workers, handed down with the epoch
+        context = replace(self.context, worker=info.id, num_workers=info.num_workers) if info else self.context
+        if isinstance(self.root, Stage):
+            self.root.set_context(context if self._pending is None else replace(context, epoch=None))
         self.root.reset(self._pending)
         self._pending, self._started = None, True
         chain = upstream_nodes(self.root)
@@ -93,8 +95,7 @@ class Workers(Stage):
 
     def __init__(self, source: BaseNode, num_workers: int, prefetch_factor: int = 4):
         super().__init__()
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-            raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
+        check_field("num_workers", Positive, num_workers)
         self.source = source
         self.num_workers = num_workers
         self._epoch = -1
@@ -115,14 +116,14 @@ class Workers(Stage):
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
         for node in upstream_nodes(self.source):
-            if hasattr(node, "stats"):
+            if isinstance(node, Stage):
                 node.stats.clear()
         if initial_state is None:
             self._epoch += 1
         else:
             self._epoch = initial_state["epoch"]
             self._loader.load_state_dict(initial_state["loader"])
-        self._dataset.epoch = self._epoch
+        self._dataset.context = replace(self.context, epoch=self._epoch)
         self._closed = False
         # Forked workers inherit the parent's uncollected garbage; an old loader iterator collected
         # there would try to shut down workers that are not its children. Collect it here first.
@@ -140,7 +141,8 @@ class Workers(Stage):
         hear the stop signal and each is killed after a 5 s timeout. Called by ``Pipeline.close``.
         """
         iterator = getattr(self, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):  # torch's own shutdown, called early
+        # torch 2.13 / torchdata 0.11: no public call stops a DataLoader iterator's workers (nodes have no shutdown())
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
         self._closed = True
 
@@ -157,7 +159,7 @@ class Workers(Stage):
                 self.close()  # a worker failed: stop the others now, not when a traceback lets go of them
                 raise
             for node, gained in zip(chain, delta):  # the workers' counters, summed on the main copies
-                if hasattr(node, "stats"):
+                if isinstance(node, Stage):
                     node.stats.update(gained)
             if not (isinstance(item, str) and item == _END):
                 return item

@@ -1,6 +1,7 @@
 """The concrete stages, one module per stage type (named after it); importing this package registers their types."""
 
 from stages.batch import Batch
+from stages.book import create_dataloader_v1
 from stages.bpe_encode import BpeEncode
 from stages.embed import Embed, InputEmbedding
 from stages.encoding import load_encoding
@@ -24,5 +25,6 @@ __all__ = [
     "SlidingWindow",
     "Split",
     "WordEncode",
+    "create_dataloader_v1",
     "load_encoding",
 ]

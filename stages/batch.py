@@ -10,6 +10,7 @@ import torch
 from pipeline.cursor import Cursor
 from pipeline.items import describe
 from pipeline.registry import register
+from pipeline.schema import Positive, check_field
 from pipeline.stage import Stage
 
 
@@ -45,18 +46,14 @@ class Batch(Stage[dict]):
     def __init__(
         self,
         source,
-        batch_size: int,
+        batch_size: Positive,
         drop_last: bool = True,
         shuffle: bool = False,
         seed: int = 0,
-        shuffle_windows: int = 8192,
+        shuffle_windows: Positive = 8192,
     ):
         super().__init__()
-        for field, value in (("batch_size", batch_size), ("shuffle_windows", shuffle_windows)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field} must be a positive integer, got {value!r}")
-        if not isinstance(seed, int):
-            raise TypeError(f"seed must be an integer, got {seed!r}")
+        check_field("seed", int, seed)
         self.source = source
         self.stats.labels["windows_dropped"] = "windows dropped (drop_last)"
         self.batch_size = batch_size

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.registry import register
+from pipeline.schema import FieldError, Positive
 from pipeline.stage import Stage
 from stages.separators import Separators
 from stages.encoding import EOT_TEXT, load_encoding
@@ -45,20 +46,17 @@ class BpeEncode(Stage[dict]):
         encoding_files: dict[str, str] | None = None,
         eot: bool = True,
         allowed_special: str | list[str] = (),
-        num_threads: int = 2,
-        batch_bytes: int = 1 << 20,
+        num_threads: Positive = 2,
+        batch_bytes: Positive = 1 << 20,
     ):
         super().__init__()
-        if not isinstance(num_threads, int) or num_threads < 1:
-            raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
-        if not isinstance(batch_bytes, int) or batch_bytes < 1:
-            raise ValueError(f"batch_bytes must be a positive integer, got {batch_bytes!r}")
         self.source = source
         self.encoding = load_encoding(encoding, encoding_files)
         special = self.encoding.special_tokens_set
         self.allowed_special = special if allowed_special == "all" else set(allowed_special)
         if not self.allowed_special <= special:
-            raise ValueError(
+            raise FieldError(
+                "allowed_special",
                 f"allowed_special {sorted(self.allowed_special - special)} not in encoding `{encoding}` "
                 f"({sorted(special)})"
             )

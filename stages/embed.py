@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from stages.batch import BatchDict
-from pipeline.registry import register
+from pipeline.registry import ConfigError, register
+from pipeline.schema import FieldError, MissingFileError, Positive, one_of
 from pipeline.stage import Stage
 
 POSITIONAL = ("learned", "sinusoidal", "none")
@@ -73,24 +74,26 @@ def load_weights(module: nn.Module, path: str | os.PathLike) -> None:
     ``InputEmbedding``'s or the book's ``GPTModel``'s ``state_dict()`` does; other keys are ignored.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights: no such file {os.fspath(path)!r} (working directory {os.getcwd()})")
+        raise MissingFileError("weights",
+                               f"weights: no such file {os.fspath(path)!r} (working directory {os.getcwd()})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip or weights_only errors: all mean "not a state dict file"
-        raise ValueError(
+        raise FieldError("weights",
             f"weights {os.fspath(path)!r}: not a file saved by torch.save ({type(e).__name__}: {e})"
         ) from None
     if not isinstance(state, Mapping):
-        raise ValueError(f"weights {os.fspath(path)!r}: expected a state dict, got {type(state).__name__}")
+        raise FieldError("weights", f"weights {os.fspath(path)!r}: expected a state dict, got {type(state).__name__}")
     needed = module.state_dict()
     missing = [key for key in needed if key not in state]
     if missing:
-        raise ValueError(f"weights {os.fspath(path)!r}: no {missing} in the file (it has {sorted(state)[:8]})")
+        raise FieldError("weights",
+                         f"weights {os.fspath(path)!r}: no {missing} in the file (it has {sorted(state)[:8]})")
     for key, table in needed.items():
         found = state[key]
         if not torch.is_tensor(found) or found.shape != table.shape:
             shape = tuple(found.shape) if torch.is_tensor(found) else type(found).__name__
-            raise ValueError(
+            raise FieldError("weights",
                 f"weights {os.fspath(path)!r}: `{key}` is {shape}, the stage's table is {tuple(table.shape)}"
             )
     module.load_state_dict({key: state[key] for key in needed})
@@ -102,9 +105,9 @@ def resolve_device(device: str) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError as e:
-        raise ValueError(f"device {device!r}: {e}") from None
+        raise FieldError("device", f"device {device!r}: {e}") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: CUDA is not available on this machine (use auto or cpu)")
+        raise FieldError("device", f"device {device!r}: CUDA is not available on this machine (use auto or cpu)")
     return resolved
 
 
@@ -138,9 +141,9 @@ class Embed(Stage[dict]):
     def __init__(
         self,
         source,
-        vocab_size: int,
-        d_model: int,
-        context_length: int,
+        vocab_size: Positive,
+        d_model: Positive,
+        context_length: Positive,
         positional: str = "learned",
         device: str = "auto",
         dtype: str = "float32",
@@ -149,17 +152,12 @@ class Embed(Stage[dict]):
         prefetch: bool | None = None,
     ):
         super().__init__()
-        for field, value in (("vocab_size", vocab_size), ("d_model", d_model), ("context_length", context_length)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field} must be a positive integer, got {value!r}")
-        if positional not in POSITIONAL:
-            raise ValueError(f"positional must be one of {POSITIONAL}, got {positional!r}")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+        one_of("positional", positional, POSITIONAL)
+        one_of("dtype", dtype, tuple(DTYPES))
         if weights is not None and not isinstance(weights, (str, os.PathLike)):
-            raise TypeError(f"weights must be a file path, got {weights!r}")
+            raise FieldError("weights", f"weights must be a file path, got {weights!r}")
         if prefetch is not None and not isinstance(prefetch, bool):
-            raise TypeError(f"prefetch must be true or false, got {prefetch!r}")
+            raise FieldError("prefetch", f"prefetch must be true or false, got {prefetch!r}")
         self.source = source
         self.vocab_size = vocab_size
         self.context_length = context_length
@@ -170,6 +168,25 @@ class Embed(Stage[dict]):
         self.module = module.to(self.device, DTYPES[dtype])
         self.prefetch = self.device.type == "cuda" if prefetch is None else prefetch
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def check_upstream(self, upstream: list) -> None:
+        """Windows no longer than the position table, ids within the token table."""
+        for node in upstream:
+            max_length = getattr(node, "max_length", None)
+            if max_length is not None and max_length > self.context_length:
+                raise ConfigError(
+                    f"context_length {self.context_length} is shorter than the windows of stage `{node.name}` "
+                    f"(max_length {max_length})",
+                    self.name,
+                    "context_length",
+                )
+            ids = getattr(node, "vocab_size", None)
+            if ids is not None and ids > self.vocab_size:
+                raise ConfigError(
+                    f"vocab_size {self.vocab_size} is smaller than the {ids} token ids stage `{node.name}` can produce",
+                    self.name,
+                    "vocab_size",
+                )
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)

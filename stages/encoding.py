@@ -20,11 +20,16 @@ import tiktoken
 import tiktoken.load
 from tiktoken_ext import openai_public
 
+from pipeline.schema import FieldError, MissingFileError
+
 EOT_TEXT = openai_public.ENDOFTEXT  # "<|endoftext|>", id 50256 in GPT-2
 
 
-class EncodingFileMissing(FileNotFoundError):
+class EncodingFileMissing(MissingFileError):
     """A file an encoding needs is neither given nor in tiktoken's cache."""
+
+    def __init__(self, message: str):
+        super().__init__("encoding", message)
 
 
 def _packaged_gpt2_files() -> dict[str, str]:
@@ -65,7 +70,7 @@ def _load(name: str, files: tuple[tuple[str, str], ...]) -> tiktoken.Encoding:
 
     known = tiktoken.registry.list_encoding_names()  # also fills ENCODING_CONSTRUCTORS
     if name not in known:
-        raise ValueError(f"unknown encoding `{name}`; tiktoken knows {sorted(known)}")
+        raise FieldError("encoding", f"unknown encoding `{name}`; tiktoken knows {sorted(known)}")
     constructors = tiktoken.registry.ENCODING_CONSTRUCTORS
     with mock.patch.object(tiktoken.load, "read_file", read_local):
         return tiktoken.Encoding(**constructors[name]())
@@ -81,5 +86,6 @@ def load_encoding(name: str = "gpt2", files: dict[str, str] | None = None) -> ti
     """
     for filename, path in (files or {}).items():
         if not os.path.exists(path):
-            raise FileNotFoundError(f"encoding `{name}`: file {filename} given as {path} does not exist")
+            raise MissingFileError("encoding_files",
+                                   f"encoding `{name}`: file {filename} given as {path} does not exist")
     return _load(name, tuple(sorted((files or {}).items())))

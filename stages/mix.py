@@ -7,8 +7,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.registry import register
-from pipeline.shard import ShardedSource, resolve_rank, worker_slot
-from pipeline.stage import Stage, upstream_nodes
+from pipeline.schema import FieldError, one_of
+from pipeline.shard import resolve_rank, worker_slot
+from pipeline.stage import RunContext, Stage
 
 STOPS = ("first", "all", "cycle")
 _DRAWS = 1024  # choices drawn at a time from a generator seeded by (seed, epoch, block)
@@ -37,12 +38,12 @@ class Mix(Stage[dict]):
 
     def __init__(self, sources: list, weights: list[float], seed: int = 0, stop: str = "all"):
         super().__init__()
-        if stop not in STOPS:
-            raise ValueError(f"stop must be one of {STOPS}, got {stop!r}")
+        one_of("stop", stop, STOPS)
         if len(weights) != len(sources) or not sources:
-            raise ValueError(f"weights needs one weight per input: {len(sources)} inputs, {len(weights)} weights")
+            raise FieldError("weights",
+                             f"weights needs one weight per input: {len(sources)} inputs, {len(weights)} weights")
         if any(isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0 for w in weights):
-            raise ValueError(f"weights must be positive numbers, got {weights!r}")
+            raise FieldError("weights", f"weights must be positive numbers, got {weights!r}")
         self.sources = list(sources)
         names = [getattr(source, "name", str(i)) for i, source in enumerate(self.sources)]
         self.stats.labels.update({f"from_{name}": f"items from {name}" for name in names})
@@ -50,16 +51,14 @@ class Mix(Stage[dict]):
         self.seed, self.stop = seed, stop
         self._epoch = -1
 
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next ``reset()`` start epoch ``epoch`` (for copies in worker processes)."""
-        self._epoch = epoch - 1
+    def set_context(self, context: RunContext) -> None:
+        super().set_context(context)
+        if context.epoch is not None:
+            self._epoch = context.epoch - 1  # the next reset() starts it
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
-        readers = [n for n in upstream_nodes(self) if isinstance(n, ShardedSource)]
-        self._worker = (
-            worker_slot(readers[0].rank, readers[0].world_size)[0] if readers else worker_slot(*resolve_rank())[0]
-        )
+        self._worker = worker_slot(*resolve_rank(self.context.rank, self.context.world_size), self.context)[0]
         if initial_state is None:
             self._epoch, self._draws, self._ended = self._epoch + 1, 0, [False] * len(self.sources)
             for source in self.sources:

@@ -9,6 +9,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from pipeline.registry import register
+from pipeline.schema import one_of
 from pipeline.shard import ShardedSource
 from pipeline.stage import Stage
 from stages.read_text import expand_paths
@@ -90,8 +91,7 @@ class ReadArrow(ShardedSource, Stage[dict]):
         seed: int = 0,
     ):
         super().__init__()
-        if on_null not in NULL_POLICIES:
-            raise ValueError(f"on_null must be one of {NULL_POLICIES}, got {on_null!r}")
+        one_of("on_null", on_null, NULL_POLICIES)
         self.files = [_ArrowFile(path) for path in expand_paths(paths, ARROW_SUFFIXES + (".parquet",))]
         for f in self.files:
             if column not in f.schema.names:
@@ -105,6 +105,9 @@ class ReadArrow(ShardedSource, Stage[dict]):
         self.init_shards(rank, world_size, shuffle, seed)
         self.units = [[i, j] for i, f in enumerate(self.files) for j in range(f.n_units)]
         self._rows = None
+
+    def paths(self) -> list[str]:
+        return [f.path for f in self.files]
 
     def read(self, unit: list[int], position: int | None) -> tuple[dict, int] | None:
         file = self.files[unit[0]]

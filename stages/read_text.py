@@ -9,6 +9,7 @@ import re
 import threading
 
 from pipeline.registry import register
+from pipeline.schema import Positive, one_of
 from pipeline.shard import ShardedSource
 from pipeline.stage import Stage
 
@@ -130,20 +131,16 @@ class ReadText(ShardedSource, Stage[dict]):
     def __init__(
         self,
         paths: str | list[str],
-        chunk_bytes: int = 1 << 20,
+        chunk_bytes: Positive = 1 << 20,
         errors: str = "strict",
-        shard_bytes: int = 64 << 20,
+        shard_bytes: Positive = 64 << 20,
         rank: int | None = None,
         world_size: int | None = None,
         shuffle: bool = False,
         seed: int = 0,
     ):
         super().__init__()
-        if errors not in DECODE_POLICIES:
-            raise ValueError(f"errors must be one of {DECODE_POLICIES}, got {errors!r}")
-        for field, value in (("chunk_bytes", chunk_bytes), ("shard_bytes", shard_bytes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field} must be a positive integer, got {value!r}")
+        one_of("errors", errors, DECODE_POLICIES)
         self.files = expand_paths(paths)
         self.chunk_bytes, self.errors, self.shard_bytes = chunk_bytes, errors, shard_bytes
         self.stats.labels["invalid_utf8"] = f"invalid UTF-8 sequences ({errors})"

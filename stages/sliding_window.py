@@ -9,6 +9,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from pipeline.cursor import Cursor
 from pipeline.registry import register
+from pipeline.schema import Positive
 from pipeline.stage import Stage
 
 
@@ -36,11 +37,8 @@ class SlidingWindow(Stage[np.ndarray]):
     consumes = "tokens"
     produces = "windows"
 
-    def __init__(self, source, max_length: int, stride: int, block_windows: int = 1024):
+    def __init__(self, source, max_length: Positive, stride: Positive, block_windows: Positive = 1024):
         super().__init__()
-        for field, value in (("max_length", max_length), ("stride", stride), ("block_windows", block_windows)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field} must be a positive integer, got {value!r}")
         self.source = source
         self.max_length = max_length
         self.stride = stride

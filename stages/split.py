@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
+
 import numpy as np
 
 from pipeline.registry import register
+from pipeline.schema import FieldError, check_field
 from pipeline.stage import PassThrough
 
 
@@ -41,17 +44,24 @@ class Split(PassThrough[dict]):
         if not fractions or any(
             isinstance(f, bool) or not isinstance(f, (int, float)) or f < 0 for f in fractions.values()
         ):
-            raise ValueError(f"fractions must map branch names to non-negative numbers, got {fractions!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an integer, got {seed!r}")
+            raise FieldError("fractions", f"fractions must map branch names to non-negative numbers, got {fractions!r}")
+        check_field("seed", int, seed)
         if abs(sum(fractions.values()) - 1) > 1e-9:
-            raise ValueError(f"fractions must add up to 1, got {sum(fractions.values())} ({fractions!r})")
+            raise FieldError("fractions", f"fractions must add up to 1, got {sum(fractions.values())} ({fractions!r})")
         self.source = source
         self.branches = list(fractions)
         self.stats.labels.update({f"to_{branch}": f"to {branch}" for branch in self.branches})
         self.edges = np.cumsum(list(fractions.values()))
         self.keys = [key] if isinstance(key, str) else key
         self.seed = seed
+
+    @classmethod
+    def branch_names(cls, spec) -> list[str]:
+        fractions = spec.get("fractions")
+        return list(fractions) if isinstance(fractions, Mapping) else []
+
+    def branch(self, name: str) -> Branch:
+        return Branch(self, name)
 
     def next(self) -> dict:
         doc = next(self.source)

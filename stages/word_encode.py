@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.registry import register
-from pipeline.shard import ShardedSource
-from pipeline.stage import Stage, upstream_nodes
+from pipeline.schema import FieldError, check_field
+from pipeline.stage import RunContext, Stage
 from stages.separators import Separators
 
 SPLIT = re.compile(r'([,.:;?_!"()\']|--|\s)')
@@ -116,20 +116,19 @@ class WordEncode(Stage[dict]):
     def __init__(self, source, vocab: str | None = None, build: bool = True, eot: bool = True):
         super().__init__()
         if vocab is not None and not isinstance(vocab, (str, os.PathLike)):
-            raise ValueError(f"vocab must be a file path or None, got {vocab!r}")
-        for field, value in (("build", build), ("eot", eot)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{field} must be true or false, got {value!r}")
+            raise FieldError("vocab", f"vocab must be a file path or None, got {vocab!r}")
+        check_field("build", bool, build)
+        check_field("eot", bool, eot)
         self.source = source
         self.vocab_path = None if vocab is None else os.fspath(vocab)
         if self.vocab_path is not None and os.path.isfile(self.vocab_path):
             self.tokenizer = WordTokenizer.load(self.vocab_path)
         elif not build:
-            raise ValueError(f"vocab: no file {self.vocab_path!r} to load, and build is false")
+            raise FieldError("vocab", f"vocab: no file {self.vocab_path!r} to load, and build is false")
         else:
             folder = os.path.dirname(os.path.abspath(self.vocab_path)) if self.vocab_path is not None else "."
             if not os.path.isdir(folder):
-                raise ValueError(f"vocab: cannot write {self.vocab_path!r}, no folder {folder!r}")
+                raise FieldError("vocab", f"vocab: cannot write {self.vocab_path!r}, no folder {folder!r}")
             self.tokenizer = WordTokenizer.from_words(self._corpus_words())
             if self.vocab_path is not None:
                 self.tokenizer.save(self.vocab_path)
@@ -138,20 +137,15 @@ class WordEncode(Stage[dict]):
         self._separators = Separators(self.eot_id, eot)
 
     def _corpus_words(self) -> set[str]:
-        """The distinct words of the whole corpus, in one pass with the readers lent rank 0 of 1."""
-        readers = [node for node in upstream_nodes(self.source) if isinstance(node, ShardedSource)]
-        places = [(node.rank, node.world_size) for node in readers]
+        """The distinct words of the whole corpus, in one pass run as rank 0 of 1, epoch 0."""
         words: set[str] = set()
+        self.set_context(RunContext(rank=0, world_size=1, epoch=0))
         try:
-            for node in readers:
-                node.rank, node.world_size = 0, 1
             self.source.reset()
             for doc in self.source:
                 words.update(split_words(self._text(doc)))
         finally:
-            for node, (rank, world_size) in zip(readers, places):
-                node.rank, node.world_size = rank, world_size
-                node.set_epoch(0)  # the real pass is epoch 0 (shuffled unit orders depend on it)
+            self.set_context(RunContext(epoch=0))  # the real pass is epoch 0 (shuffled orders depend on it)
         return words
 
     def decode(self, ids) -> str:

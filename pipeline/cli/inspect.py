@@ -11,7 +11,7 @@ from pipeline.graph import Pipeline, check_config
 from pipeline.items import describe
 from pipeline.cli.common import add_pipeline_args
 from pipeline.registry import ConfigError, stage_class
-from pipeline.schema import ITEMS
+from stages.item_kinds import ITEMS
 from pipeline.stage import upstream_nodes
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import stages  # noqa: F401  (registers the stage types)
-from pipeline.registry import STAGES
-from pipeline.schema import reference_markdown
+import inspect
+
+from pipeline.registry import load_stage_types
+from pipeline.schema import fields, takes
+from stages.item_kinds import ITEMS
 
 
 def add_parser(commands) -> None:
@@ -13,7 +15,29 @@ def add_parser(commands) -> None:
 
 
 def reference() -> str:
-    return reference_markdown(STAGES)
+    return reference_markdown(load_stage_types())
+
+
+def reference_markdown(stages: dict[str, type]) -> str:
+    """The README's stage reference, one table per stage type."""
+    parts = []
+    for name in sorted(stages):
+        cls = stages[name]
+        summary = inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].replace("\n", " ")
+        inputs = {"none": "none (reads files)", "one": "`input`: one stage", "many": "`inputs`: several stages"}[
+            takes(cls)
+        ]
+        parts.append(
+            f"### `{name}`\n\n{summary}\n\n"
+            f"- input: {inputs}; takes: {getattr(cls, 'consumes', None) or '-'}\n- gives: {cls.produces}\n\n"
+            "| field | type | default | description |\n| --- | --- | --- | --- |"
+        )
+        for f in fields(cls).values():
+            default = "required" if f.required else f"`{f.default!r}`"
+            cells = [f"`{f.name}`", f"`{f.type_text()}`", default, f.description]
+            parts[-1] += "\n| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+    kinds = "\n".join(f"- **{kind}**: {text}" for kind, text in ITEMS.items())
+    return f"Items on the edges:\n\n{kinds}\n\n" + "\n\n".join(parts) + "\n"
 
 
 START, END = "<!-- reference:start -->", "<!-- reference:end -->"

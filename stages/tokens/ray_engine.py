@@ -14,6 +14,7 @@ from torchdata.nodes import IterableWrapper
 
 from pipeline.graph import Pipeline
 from pipeline.shard import ShardedSource, assign_units
+from pipeline.stage import RunContext
 from stages.separators import Separators
 from stages.tokens.format import PrepareError
 from stages.tokens.writer import id_lists
@@ -37,7 +38,7 @@ def rows(pipe: Pipeline, encode, dtype: np.dtype, counts: dict[str, int]) -> Ite
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # not a line per dataset execution on stdout
-    order = assign_units(len(reader.units), 0, 1, reader.shuffle, reader.seed, 0, reader.name)
+    order = assign_units(len(reader.units), 0, 1, reader.shuffle, reader.seed, 0, reader.name)  # one reader's order
     ds = ray.data.read_datasource(_unit_source(ray.put(reader), order), override_num_blocks=max(len(order), 1))
     params = {**encode.params, "eot": False}
     ds = ds.map_batches(
@@ -89,7 +90,8 @@ def _read_unit(reader_ref, unit: int, table_bytes: int = 32 << 20) -> Iterator[p
 
     reader = ray.get(reader_ref)  # a fresh copy in this task
     reader.units = [reader.units[unit]]
-    reader.shuffle, reader.rank, reader.world_size = False, 0, 1
+    reader.shuffle = False
+    reader.set_context(RunContext(rank=0, world_size=1))
     reader.reset()
     columns: dict[str, list] = {"text": [], "source": [], "offset": [], "end": []}
     size, yielded = 0, False

@@ -11,7 +11,8 @@ import pyarrow.ipc as ipc
 
 from stages.tokens.format import check_cache, load_manifest
 from pipeline.registry import register
-from pipeline.shard import ShardedSource, worker_slot
+from pipeline.schema import FieldError, Positive
+from pipeline.shard import ShardedSource
 from pipeline.stage import Stage
 
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)  # splitmix64's finalizer
@@ -158,28 +159,29 @@ class ReadTokens(ShardedSource, Stage[np.ndarray]):
     def __init__(
         self,
         path: str,
-        max_length: int,
-        stride: int,
+        max_length: Positive,
+        stride: Positive,
         shuffle: bool = False,
         seed: int = 0,
         encoding: str | None = None,
-        block_windows: int = 1024,
+        block_windows: Positive = 1024,
         rank: int | None = None,
         world_size: int | None = None,
     ):
         super().__init__()
-        for field, value in (("max_length", max_length), ("stride", stride), ("block_windows", block_windows)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field} must be a positive integer, got {value!r}")
         path = os.fspath(path)
-        self.manifest = load_manifest(path)
+        try:
+            self.manifest = load_manifest(path)
+            check_cache(path, self.manifest)
+        except ValueError as e:
+            raise FieldError("path", str(e)) from None
         made_with = self.manifest["encoding"]["name"]
         if encoding is not None and encoding != made_with:
-            raise ValueError(
+            raise FieldError(
+                "encoding",
                 f"path {path!r}: the cache was prepared with encoding `{made_with}`, this stage asks for `{encoding}`; "
-                "prepare it again with that encoding (prepare --overwrite) or drop `encoding`"
+                "prepare it again with that encoding (prepare --overwrite) or drop `encoding`",
             )
-        check_cache(path, self.manifest)
         self.path, self.max_length, self.stride, self.block_windows = path, max_length, stride, block_windows
         self.vocab_size = self.manifest["encoding"]["n_vocab"]  # checked against an embed's table
         self.files = [os.path.join(path, s["file"]) for s in self.manifest["shards"]]  # in the pipeline's fingerprint
@@ -201,7 +203,7 @@ class ReadTokens(ShardedSource, Stage[np.ndarray]):
             self._epoch, self._position = self._epoch + 1, 0
         else:
             self._epoch, self._position = initial_state["epoch"], initial_state["position"]
-        self._g, self._G = worker_slot(self.rank, self.world_size)
+        self._g, self._G = self.slot()
         self._count = len(range(self._g, self.n_windows, self._G))  # this worker's windows
         self._order = (
             WindowPermutation(self.n_windows, self.seed, self._epoch) if self.shuffle and self.n_windows else None

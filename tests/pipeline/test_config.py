@@ -334,3 +334,16 @@ def test_output_naming_no_branch(corpus, no_reading):
     error = config_error(fan_graph(corpus), output="split.trian")
     assert "split.trian" in str(error) and "output" in str(error) and "did you mean `train`" in str(error)
     assert error.field == "output"
+
+
+def test_python_constructors_and_configs_share_the_field_validator(corpus, no_reading):
+    from torchdata.nodes import IterableWrapper
+
+    from pipeline.schema import FieldError
+    from stages import SlidingWindow
+
+    with pytest.raises(FieldError) as built:
+        SlidingWindow(IterableWrapper([]), max_length=0, stride=1)
+    error = config_error(edited(corpus, "window", max_length=0))
+    assert built.value.field == error.field == "max_length"
+    assert str(error) == f"stage `window`: {built.value}"

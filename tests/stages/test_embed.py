@@ -276,3 +276,39 @@ def test_on_cuda_batches_come_prefetched_and_exact(verdict_path):
         assert gpu.source.stats["batches"] == k + 1 and gpu.state_dict() == cpu.state_dict()
     data = lambda b: {k: b[k].cpu() for k in ("inputs", "targets")}  # noqa: E731
     check_resume(lambda: verdict_node(verdict_path, prefetch=None, device="cuda"), project=data)
+
+
+# --- the embed stage's own check, on both paths --------------------------------------------------
+
+
+def python_built(max_length: int, context_length: int, vocab_size: int = 50257) -> Embed:
+    windows = SlidingWindow(BpeEncode(IterableWrapper([{"text": "A few words."}])), max_length=max_length, stride=1)
+    return Embed(Batch(windows, 2), vocab_size=vocab_size, d_model=8, context_length=context_length, device="cpu")
+
+
+def as_config(max_length: int, context_length: int, vocab_size: int = 50257) -> dict:
+    """The same graph as ``python_built``, its stages named as the Python-built ones are (by type)."""
+    return {"stages": {
+        "read_text": {"type": "read_text", "paths": "examples/verdict.yaml"},  # never read: refused before
+        "bpe_encode": {"type": "bpe_encode", "input": "read_text"},
+        "sliding_window": {"type": "sliding_window", "input": "bpe_encode", "max_length": max_length, "stride": 1},
+        "batch": {"type": "batch", "input": "sliding_window", "batch_size": 2},
+        "embed": {"type": "embed", "input": "batch", "vocab_size": vocab_size, "d_model": 8,
+                  "context_length": context_length, "device": "cpu"},
+    }}
+
+
+@pytest.mark.parametrize("fields,field", [((8, 4), "context_length"), ((4, 4, 1000), "vocab_size")])
+def test_a_python_built_pipeline_is_refused_at_construction_as_its_config_is(in_root, fields, field):
+    with pytest.raises(ConfigError) as built:
+        Pipeline(python_built(*fields))
+    with pytest.raises(ConfigError) as configured:
+        Pipeline.from_config(as_config(*fields))
+    assert (built.value.stage, built.value.field) == ("embed", field)
+    assert (configured.value.stage, configured.value.field) == ("embed", field)
+    assert str(built.value) == str(configured.value)
+    assert "sliding_window" in str(built.value) or "bpe_encode" in str(built.value)
+
+
+def test_a_python_built_pipeline_that_fits_builds():
+    assert Pipeline(python_built(4, 4)).embedding is not None
