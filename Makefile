@@ -23,7 +23,7 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed-ray
 	$(BIN)/python -m ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/first_batch.py --sizes 10MB 100MB

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -13,7 +14,7 @@ from torchdata.nodes import BaseNode, Loader
 from pipeline.config import load_config
 from pipeline.registry import ConfigError, did_you_mean, stage_class
 from pipeline.schema import FieldError, check_field, fields, takes
-from pipeline.shard import ShardedSource
+from pipeline.shard import Reader
 from pipeline.stage import RunContext, Stage, inputs_of, upstream_nodes
 from pipeline.workers import Workers
 
@@ -176,19 +177,21 @@ def _digest(value: Any) -> str:
 
 
 def _with_workers(root: BaseNode, num_workers: int) -> BaseNode:
-    """Put a ``Workers`` node above the topmost stage worth running in workers; return the new root."""
+    """``root`` with a ``Workers`` stage wrapping the topmost chain worth running in workers.
+
+    The graph given is left as it is: the stages above the chain are this pipeline's shallow copies,
+    reading from the ``Workers`` (they share the originals' settings, modules and counters).
+    """
     if any(isinstance(n, Workers) for n in upstream_nodes(root)):
         raise ValueError("the pipeline already has a Workers stage; pass num_workers to one or the other")
     if isinstance(root, Stage) and root.in_workers:
         return Workers(root, num_workers)
-    node = root
-    while len(inputs_of(node)) == 1:
-        source = inputs_of(node)[0]
-        if isinstance(source, Stage) and source.in_workers:
-            node.source = Workers(source, num_workers)
-            return root
-        node = source
-    raise ValueError("num_workers: no chain of read/encode/window stages to put in workers")
+    inputs = inputs_of(root)
+    if len(inputs) != 1 or not isinstance(root, Stage):
+        raise ValueError("num_workers: no chain of read/encode/window stages to put in workers")
+    above = copy.copy(root)
+    above.source = _with_workers(inputs[0], num_workers)
+    return above
 
 
 class Pipeline:
@@ -309,7 +312,7 @@ class Pipeline:
         graph = [
             [n.name, n.type_name, {k: v for k, v in n.params.items() if k not in ("rank", "world_size")}] for n in nodes
         ]
-        readers = [n for n in nodes if isinstance(n, ShardedSource)]
+        readers = [n for n in nodes if isinstance(n, Reader)]
         files = [path for n in readers for path in n.paths()]
         corpus = [[f, os.path.getsize(f) if os.path.exists(f) else None] for f in files]
         return {

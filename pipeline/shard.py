@@ -49,15 +49,15 @@ def assign_units(n_units: int, g: int, G: int, shuffle: bool, seed: int, epoch: 
     return order[g::G].tolist()
 
 
-class ShardedSource:
-    """Mixin for reader stages (before ``Stage`` in the bases): shard units, this worker's share, a position.
+class Reader:
+    """Mixin for reader stages (before ``Stage`` in the bases): files, a place among ranks and workers,
+    a seeded shuffle and an epoch.
 
-    A subclass sets ``self.units`` (JSON-able descriptions) in ``__init__`` and implements
-    ``read(unit, position) -> (item, next_position) | None`` (None: the unit is done) and
-    ``close_unit()``. The state is ``{epoch, index, position}``: which of this worker's units it is
-    in, and where inside it; never data. Its place among ranks and workers comes from the run context
-    (``Stage.set_context``), else from its own ``rank`` / ``world_size``.
+    Its place comes from the run context (``Stage.set_context``), else from its own ``rank`` /
+    ``world_size``; a context's epoch makes the next ``reset()`` start that epoch.
     """
+
+    files: list
 
     def init_shards(self, rank: int | None, world_size: int | None, shuffle: bool, seed: int) -> None:
         self.rank, self.world_size = resolve_rank(rank, world_size)  # its own; a run context may name others
@@ -84,6 +84,16 @@ class ShardedSource:
         self.place()  # refuse an impossible rank now
         if context.epoch is not None:
             self._epoch = context.epoch - 1  # the next reset() starts it
+
+
+class ShardedSource(Reader):
+    """A reader of shard units: this worker's share of them, and a position.
+
+    A subclass sets ``self.units`` (JSON-able descriptions) in ``__init__`` and implements
+    ``read(unit, position) -> (item, next_position) | None`` (None: the unit is done) and
+    ``close_unit()``. The state is ``{epoch, index, position}``: which of this worker's units it is
+    in, and where inside it; never data.
+    """
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)

@@ -65,7 +65,7 @@ class Batch(Stage[dict]):
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
-        self._cursor = Cursor(self.source)  # made here: Pipeline may rewire `source` before the first reset
+        self._cursor = Cursor(self.source)  # made at reset: a pipeline's copy of this stage reads another input
         if initial_state is None:
             self._epoch += 1
             self._cursor.reset()

@@ -72,6 +72,7 @@ def _load(name: str, files: tuple[tuple[str, str], ...]) -> tiktoken.Encoding:
     if name not in known:
         raise FieldError("encoding", f"unknown encoding `{name}`; tiktoken knows {sorted(known)}")
     constructors = tiktoken.registry.ENCODING_CONSTRUCTORS
+    # tiktoken 0.14 has no public hook to give a constructor local files: its file reader is replaced for the call
     with mock.patch.object(tiktoken.load, "read_file", read_local):
         return tiktoken.Encoding(**constructors[name]())
 

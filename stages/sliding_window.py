@@ -46,7 +46,7 @@ class SlidingWindow(Stage[np.ndarray]):
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
-        self._cursor = Cursor(self.source, _ids)  # made here: Pipeline may rewire `source` before the first reset
+        self._cursor = Cursor(self.source, _ids)  # made at reset: a pipeline's copy reads another input
         self._cursor.reset(initial_state["cursor"] if initial_state is not None else None)
         self._windowed = initial_state is not None and initial_state["windowed"]  # a window was made
 

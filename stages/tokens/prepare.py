@@ -28,7 +28,7 @@ from typing import Any
 from pipeline.config import apply_overrides, load_config
 from pipeline.graph import Pipeline, check_config
 from pipeline.registry import ConfigError, stage_class
-from pipeline.shard import ShardedSource
+from pipeline.shard import Reader
 from pipeline.stage import upstream_nodes
 from stages.tokens import local_engine, ray_engine
 from stages.tokens.format import (
@@ -158,7 +158,7 @@ def prepare(
         )
     encoding = encoding_identity(encode.encoding)
     dtype = token_dtype(encoding["n_vocab"])
-    readers = [n for n in upstream_nodes(pipe.root) if isinstance(n, ShardedSource)]
+    readers = [n for n in upstream_nodes(pipe.root) if isinstance(n, Reader)]
     paths = list(dict.fromkeys(getattr(f, "path", f) for n in readers for f in n.files))
     sources = describe_sources(paths)
 

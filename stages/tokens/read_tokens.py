@@ -12,7 +12,7 @@ import pyarrow.ipc as ipc
 from stages.tokens.format import check_cache, load_manifest
 from pipeline.registry import register
 from pipeline.schema import FieldError, Positive
-from pipeline.shard import ShardedSource
+from pipeline.shard import Reader
 from pipeline.stage import Stage
 
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)  # splitmix64's finalizer
@@ -130,7 +130,7 @@ class TokenStream:
 
 
 @register("read_tokens")
-class ReadTokens(ShardedSource, Stage[np.ndarray]):
+class ReadTokens(Reader, Stage[np.ndarray]):
     """Windows from a token cache made by ``python -m pipeline prepare``, memory-mapped.
 
     The shards are one token stream, the very one the streaming reader and encoder give, and windows
@@ -185,7 +185,6 @@ class ReadTokens(ShardedSource, Stage[np.ndarray]):
         self.path, self.max_length, self.stride, self.block_windows = path, max_length, stride, block_windows
         self.vocab_size = self.manifest["encoding"]["n_vocab"]  # checked against an embed's table
         self.files = [os.path.join(path, s["file"]) for s in self.manifest["shards"]]  # in the pipeline's fingerprint
-        self.units: list = []  # windows, not units, are shared out (see next)
         self.n_windows = len(range(0, self.manifest["counts"]["tokens"] - max_length, stride))
         self.init_shards(rank, world_size, shuffle, seed)
         self._stream: TokenStream | None = None
@@ -196,7 +195,7 @@ class ReadTokens(ShardedSource, Stage[np.ndarray]):
         return state
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
-        Stage.reset(self, initial_state)  # not ShardedSource's: no units to assign
+        super().reset(initial_state)
         if self._stream is None:
             self._stream = TokenStream(self.path, self.manifest)
         if initial_state is None:

@@ -1,16 +1,14 @@
-"""``examples/positions.py``, run as a user runs it: from the project root, as a script."""
+"""``examples/positions.py``, run as a user runs it: from the project root, as ``__main__``."""
 
 from __future__ import annotations
 
 import subprocess
-import sys
 
-from tests.conftest import ROOT
+from tests.command_line import script
 
 
 def positions(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "examples/positions.py", *args]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return script("examples/positions.py", *args)
 
 
 def test_positions_on_the_verdict(verdict_path):

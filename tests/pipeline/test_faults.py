@@ -10,8 +10,6 @@ from __future__ import annotations
 import gc
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from torchdata.nodes import Loader
 from pipeline import Pipeline, StageError
 from pipeline.checkpoint import load_json
 from stages import ReadArrow, ReadText
-from tests.conftest import ROOT
+from tests.command_line import run_process, trace_digests
 from tests.corpora import write_arrow_corpus
 
 LINE = "the quick brown fox jumps over the lazy dog\n"
@@ -298,27 +296,6 @@ def test_arrow_file_deleted_or_truncated_mid_run_is_an_error_naming_it(tmp_path,
 # --- SIGINT / SIGTERM during a CLI run with workers ----------------------------------------------------
 
 
-def _trace(path: Path) -> list[str]:
-    if not path.exists():
-        return []
-    return [
-        line.split()[1]
-        for line in path.read_text().splitlines()
-        if len(line.split()) == 2 and len(line.split()[1]) == 16
-    ]
-
-
-def _run(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kwargs,
-    )
-
-
 @pytest.fixture(scope="module")
 def cli_reference(tmp_path_factory):
     """A config over tinyshakespeare in 12 byte-range units, and the trace of its whole epoch with 2 workers."""
@@ -334,10 +311,10 @@ def cli_reference(tmp_path_factory):
         "  window: {type: sliding_window, input: encode, max_length: 8, stride: 8, block_windows: 16}\n"
         "  batch: {type: batch, input: window, batch_size: 2}\n"
     )
-    full = _run(str(config), "--num-workers", "2", "--trace", str(folder / "full.txt"))
+    full = run_process(str(config), "--num-workers", "2", "--trace", str(folder / "full.txt"))
     out, err = full.communicate(timeout=120)
     assert full.returncode == 0, err
-    reference = _trace(folder / "full.txt")
+    reference = trace_digests(folder / "full.txt")
     assert len(reference) > 20_000
     return config, reference
 
@@ -355,7 +332,7 @@ def test_signal_stops_cleanly_checkpoints_and_resumes_exactly(tmp_path, cli_refe
     """``group``: the signal goes to the whole process group, workers included, as Ctrl-C in a terminal does."""
     config, reference = cli_reference
     trace, ck = tmp_path / "a.txt", tmp_path / "ck.json"
-    proc = _run(
+    proc = run_process(
         str(config),
         "--num-workers",
         "2",
@@ -369,7 +346,7 @@ def test_signal_stops_cleanly_checkpoints_and_resumes_exactly(tmp_path, cli_refe
     )
     children: set[int] = set()
     deadline = time.monotonic() + 60
-    while len(_trace(trace)) < 1500 and time.monotonic() < deadline and proc.poll() is None:
+    while len(trace_digests(trace)) < 1500 and time.monotonic() < deadline and proc.poll() is None:
         children |= {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be interrupted"
@@ -386,14 +363,14 @@ def test_signal_stops_cleanly_checkpoints_and_resumes_exactly(tmp_path, cli_refe
     assert not [pid for pid in children if _alive_within(pid, 5)]
     assert not [p for p in psutil.process_iter(["ppid"]) if p.info["ppid"] == proc.pid]
 
-    before = _trace(trace)
+    before = trace_digests(trace)
     saved = load_json(ck)
     assert saved["batches"] == len(before) >= 1500
     Pipeline.from_config(str(config), num_workers=2).load_state_dict(saved["pipeline"])  # loadable and it fits
-    resumed = _run(str(config), "--num-workers", "2", "--resume", str(ck), "--trace", str(tmp_path / "b.txt"))
+    resumed = run_process(str(config), "--num-workers", "2", "--resume", str(ck), "--trace", str(tmp_path / "b.txt"))
     out, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, err[-3000:]
-    after = _trace(tmp_path / "b.txt")
+    after = trace_digests(tmp_path / "b.txt")
     assert before == reference[: len(before)]
     assert before + after == reference  # exactly the uninterrupted run: nothing lost, nothing twice
 
@@ -431,11 +408,11 @@ def test_sigkill_of_the_main_process_leaves_no_orphan_workers(tmp_path):
         "  batch: {type: batch, input: window, batch_size: 8}\n"
     )
     trace = tmp_path / "a.txt"
-    proc = _run(str(config), "--num-workers", "2", "--trace", str(trace), start_new_session=True)
+    proc = run_process(str(config), "--num-workers", "2", "--trace", str(trace), start_new_session=True)
     workers: set[int] = set()
     try:
         deadline = time.monotonic() + 60
-        while len(_trace(trace)) < 50 and time.monotonic() < deadline and proc.poll() is None:
+        while len(trace_digests(trace)) < 50 and time.monotonic() < deadline and proc.poll() is None:
             workers |= {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
             time.sleep(0.02)
         assert proc.poll() is None and len(workers) >= 2

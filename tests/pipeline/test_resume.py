@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline import Pipeline
+from tests.command_line import run_process, trace_digests
 from tests.conftest import ROOT
 from tests.corpora import write_arrow_corpus
 
@@ -101,27 +101,6 @@ def test_state_of_another_pipeline_is_refused(tmp_path):
         Pipeline.from_config(config).load_state_dict(state)
 
 
-def _cli(*args, **kwargs):
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kwargs,
-    )
-
-
-def _trace(path) -> list[str]:
-    if not os.path.exists(path):
-        return []
-    return [
-        line.split()[1]
-        for line in open(path).read().splitlines()
-        if len(line.split()) == 2 and len(line.split()[1]) == 16
-    ]
-
-
 def _corpus_config(tmp_path, shakespeare_path) -> str:
     config = tmp_path / "shakespeare.yaml"
     config.write_text(
@@ -137,12 +116,12 @@ def _corpus_config(tmp_path, shakespeare_path) -> str:
 def test_cli_killed_and_resumed_loses_nothing(tmp_path, shakespeare_path):
     config = _corpus_config(tmp_path, shakespeare_path)
     every = 50
-    full = _cli(config, "--trace", str(tmp_path / "full.txt"))
+    full = run_process(config, "--trace", str(tmp_path / "full.txt"))
     assert full.wait(timeout=300) == 0, full.stderr.read()
-    reference = _trace(tmp_path / "full.txt")
+    reference = trace_digests(tmp_path / "full.txt")
     assert len(reference) > 10_000
 
-    killed = _cli(
+    killed = run_process(
         config,
         "--trace",
         str(tmp_path / "a.txt"),
@@ -152,17 +131,17 @@ def test_cli_killed_and_resumed_loses_nothing(tmp_path, shakespeare_path):
         str(every),
     )
     deadline = time.monotonic() + 120
-    while len(_trace(tmp_path / "a.txt")) < 3000 and time.monotonic() < deadline:
+    while len(trace_digests(tmp_path / "a.txt")) < 3000 and time.monotonic() < deadline:
         time.sleep(0.05)
     killed.send_signal(signal.SIGKILL)
     killed.wait(timeout=30)
-    before = _trace(tmp_path / "a.txt")
+    before = trace_digests(tmp_path / "a.txt")
     checkpointed = json.load(open(tmp_path / "ck.json"))["batches"]
     assert 3000 - every <= checkpointed <= len(before) < len(reference)
 
-    resumed = _cli(config, "--resume", str(tmp_path / "ck.json"), "--trace", str(tmp_path / "b.txt"))
+    resumed = run_process(config, "--resume", str(tmp_path / "ck.json"), "--trace", str(tmp_path / "b.txt"))
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
-    after = _trace(tmp_path / "b.txt")
+    after = trace_digests(tmp_path / "b.txt")
     assert before == reference[: len(before)]
     assert after == reference[checkpointed:]  # nothing lost
     assert len(before) - checkpointed <= every  # repeated: at most the batches since the last checkpoint
@@ -170,7 +149,7 @@ def test_cli_killed_and_resumed_loses_nothing(tmp_path, shakespeare_path):
 
 def test_cli_sigterm_writes_a_checkpoint_and_resumes(tmp_path, shakespeare_path):
     config = _corpus_config(tmp_path, shakespeare_path)
-    proc = _cli(
+    proc = run_process(
         config,
         "--trace",
         str(tmp_path / "a.txt"),
@@ -180,13 +159,13 @@ def test_cli_sigterm_writes_a_checkpoint_and_resumes(tmp_path, shakespeare_path)
         "100000",
     )
     deadline = time.monotonic() + 120
-    while len(_trace(tmp_path / "a.txt")) < 1000 and time.monotonic() < deadline:
+    while len(trace_digests(tmp_path / "a.txt")) < 1000 and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 130
-    before = _trace(tmp_path / "a.txt")
+    before = trace_digests(tmp_path / "a.txt")
     assert json.load(open(tmp_path / "ck.json"))["batches"] == len(before)
-    resumed = _cli(
+    resumed = run_process(
         config,
         "--resume",
         str(tmp_path / "ck.json"),
@@ -196,6 +175,6 @@ def test_cli_sigterm_writes_a_checkpoint_and_resumes(tmp_path, shakespeare_path)
         str(len(before) + 10),
     )
     assert resumed.wait(timeout=300) == 0
-    full = _cli(config, "--trace", str(tmp_path / "full.txt"), "--max-batches", str(len(before) + 10))
+    full = run_process(config, "--trace", str(tmp_path / "full.txt"), "--max-batches", str(len(before) + 10))
     assert full.wait(timeout=300) == 0
-    assert before + _trace(tmp_path / "b.txt") == _trace(tmp_path / "full.txt")
+    assert before + trace_digests(tmp_path / "b.txt") == trace_digests(tmp_path / "full.txt")
