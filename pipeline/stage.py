@@ -8,6 +8,8 @@ from typing import Any, TypeVar
 
 from torchdata.nodes import BaseNode
 
+from pipeline.schema import kinds
+
 T = TypeVar("T")
 
 
@@ -51,7 +53,7 @@ class Stage(BaseNode[T]):
 
     type_name = "stage"
     in_workers = False  # True for stages worth running in DataLoader workers (read, encode, window)
-    consumes: str | None = None  # the kind of item taken (see pipeline.schema.ITEMS); None: reads files
+    consumes: str | tuple[str, ...] | None = None  # the kind(s) of item taken (pipeline.schema.ITEMS); None: reads files
     produces: str | None = None  # the kind of item given
 
     def __init__(self) -> None:
@@ -90,7 +92,7 @@ class Stage(BaseNode[T]):
 
     def __repr__(self) -> str:
         params = self.settings()
-        flow = f"; {self.consumes or 'files'} -> {self.produces}" if self.produces else ""
+        flow = f"; {' or '.join(kinds(self.consumes)) or 'files'} -> {self.produces}" if self.produces else ""
         return f"<{type(self).__name__} '{self.name}' {params}{flow}>"
 
 

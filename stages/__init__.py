@@ -5,6 +5,7 @@ from stages.bpe_encode import BpeEncode
 from stages.embed import Embed, InputEmbedding
 from stages.encoding import load_encoding
 from stages.mix import Mix
+from stages.pack import Pack
 from stages.read_arrow import ReadArrow
 from stages.read_text import ReadText
 from stages.sliding_window import SlidingWindow
@@ -18,6 +19,7 @@ __all__ = [
     "Embed",
     "InputEmbedding",
     "Mix",
+    "Pack",
     "ReadArrow",
     "ReadText",
     "ReadTokens",
