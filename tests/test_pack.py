@@ -214,14 +214,14 @@ def test_resume_pack_from_text_through_batch(tmp_path, shuffle):
     assert len(check_resume(make)) > 10
 
 
-def _pack_config(corpus, remainder: str, shuffle: bool) -> dict:
+def _pack_config(corpus, remainder: str, shuffle: bool, drop_last: bool) -> dict:
     return {
         "stages": {
             "read": {"type": "read_arrow", "paths": [str(corpus)], "shuffle": shuffle, "seed": 5},
             "encode": {"type": "bpe_encode", "input": "read"},
             "pack": {"type": "pack", "input": "encode", "max_length": 7, "remainder": remainder, "buffer": 5, "block_rows": 2},
-            "batch": {"type": "batch", "input": "pack", "batch_size": 3, "shuffle": shuffle, "shuffle_windows": 12,
-                      "drop_last": False},
+            "batch": {"type": "batch", "input": "pack", "batch_size": 2, "shuffle": shuffle, "shuffle_windows": 12,
+                      "drop_last": drop_last},
         }
     }
 
@@ -230,7 +230,7 @@ def _pack_config(corpus, remainder: str, shuffle: bool) -> dict:
 @pytest.mark.parametrize("world_size", [1, 3])
 def test_every_token_once_over_ranks_and_workers(tmp_path, num_workers, world_size):
     write_arrow_corpus(tmp_path / "corpus", batches_per_file=(3, 2, 4), rows_per_batch=(5, 9, 2))
-    config = _pack_config(tmp_path / "corpus", "keep", shuffle=True)
+    config = _pack_config(tmp_path / "corpus", "keep", shuffle=True, drop_last=False)
     tokens, documents = Counter(), 0
     for rank in range(world_size):
         pipe = Pipeline.from_config(config, rank=rank, world_size=world_size, num_workers=num_workers)
@@ -248,7 +248,7 @@ def test_every_token_once_over_ranks_and_workers(tmp_path, num_workers, world_si
 @pytest.mark.parametrize("num_workers,world_size,shuffle", [(0, 1, True), (2, 2, True), (2, 1, False)])
 def test_pack_resume_in_a_new_process_equals_the_uninterrupted_run(tmp_path, num_workers, world_size, shuffle):
     write_arrow_corpus(tmp_path / "corpus", batches_per_file=(3, 2, 4), rows_per_batch=(5, 9, 2))
-    config = _pack_config(tmp_path / "corpus", "drop", shuffle)
+    config = _pack_config(tmp_path / "corpus", "drop", shuffle, drop_last=True)
     loader = {"rank": world_size - 1, "world_size": world_size, "num_workers": num_workers}
     pipe = Pipeline.from_config(config, **loader)
     epochs = [[b["inputs"].numpy() for b in pipe] for _ in range(2)]
