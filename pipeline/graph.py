@@ -13,7 +13,7 @@ from torchdata.nodes import BaseNode, Loader
 
 from pipeline.config import load_config
 from pipeline.registry import ConfigError, did_you_mean, stage_class
-from pipeline.schema import check_value, fields, kinds, takes
+from pipeline.schema import check_value, fields, item_kinds, takes
 from pipeline.shard import ShardedSource, resolve_rank
 from pipeline.stage import inputs_of, upstream_nodes
 from pipeline.workers import Workers
@@ -120,7 +120,7 @@ def _check_acyclic(specs, refs) -> None:
 def _check_items(specs, refs) -> None:
     """Each stage's input must give the kind of item it takes (documents, tokens, windows, batches)."""
     for name, names in refs.items():
-        wants = kinds(stage_class(specs[name]["type"], name).consumes)
+        wants = item_kinds(stage_class(specs[name]["type"], name).consumes)
         for ref in names if wants else []:
             gives = stage_class(specs[ref.partition(".")[0]]["type"], ref).produces
             if gives not in wants:

@@ -26,7 +26,7 @@ ITEMS = {
 }
 
 
-def kinds(consumes: str | tuple[str, ...] | None) -> tuple[str, ...]:
+def item_kinds(consumes: str | tuple[str, ...] | None) -> tuple[str, ...]:
     """The item kinds a stage takes, from its ``consumes`` (one kind, several, or None for a reader)."""
     return () if consumes is None else (consumes,) if isinstance(consumes, str) else tuple(consumes)
 
@@ -133,7 +133,7 @@ def reference_markdown(stages: dict[str, type]) -> str:
         ]
         parts.append(
             f"### `{name}`\n\n{summary}\n\n"
-            f"- input: {inputs}; takes: {' or '.join(kinds(getattr(cls, 'consumes', None))) or '-'}\n- gives: {cls.produces}\n\n"
+            f"- input: {inputs}; takes: {' or '.join(item_kinds(getattr(cls, 'consumes', None))) or '-'}\n- gives: {cls.produces}\n\n"
             "| field | type | default | description |\n| --- | --- | --- | --- |"
         )
         for f in fields(cls).values():

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 from torchdata.nodes import BaseNode
 
-from pipeline.schema import kinds
+from pipeline.schema import item_kinds
 
 T = TypeVar("T")
 
@@ -92,7 +92,7 @@ class Stage(BaseNode[T]):
 
     def __repr__(self) -> str:
         params = self.settings()
-        flow = f"; {' or '.join(kinds(self.consumes)) or 'files'} -> {self.produces}" if self.produces else ""
+        flow = f"; {' or '.join(item_kinds(self.consumes)) or 'files'} -> {self.produces}" if self.produces else ""
         return f"<{type(self).__name__} '{self.name}' {params}{flow}>"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,7 @@ def documents_of(item: Any, bos: int, first: bool) -> tuple[np.ndarray, list[int
 def _segments(ids: np.ndarray, starts: list[int]) -> list[np.ndarray]:
     """The pieces of ``ids`` between document starts (a leading piece continues the previous item)."""
     bounds = sorted({0, *starts, len(ids)})
-    return [ids[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [ids[a:b] for a, b in pairwise(bounds)]
 
 
 def _eot_of(source) -> int | None:
@@ -100,7 +101,7 @@ class Pack(Stage[np.ndarray]):
         self.keep = remainder == "keep"
         self.buffer = buffer if policy == "best_fit" else 1  # greedy needs only the next document
         self.block_rows = block_rows
-        self.bos = bos
+        self.bos = self.params["bos"] = bos  # resolved: a copy built from params (bench) needs no encoder upstream
         self._positions = np.arange(max_length + 1, dtype=np.int32)
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:

@@ -132,7 +132,7 @@ def test_pack_properties(lengths, data, max_length, policy, remainder, buffer, b
     remainder=st.sampled_from(["drop", "keep"]),
 )
 def test_packed_batches_position_ids_and_cu_seqlens(lengths, max_length, batch_size, remainder):
-    units, items = units_and_items(lengths, [False] * len(lengths))
+    items = units_and_items(lengths, [False] * len(lengths))[1]
     pack = Pack(IterableWrapper(items), max_length, remainder=remainder, buffer=4, block_rows=3, bos=EOT)
     rows = np.concatenate(list(Loader(pack)))
     for i, batch in enumerate(Loader(Batch(Pack(IterableWrapper(items), max_length, remainder=remainder, buffer=4,
@@ -194,7 +194,7 @@ def test_bos_comes_from_the_encoder_upstream(tmp_path):
 def test_resume_pack(policy, remainder, buffer, block_rows):
     rng = np.random.default_rng(1)
     lengths = rng.lognormal(1.5, 1.2, 60).astype(int).tolist()
-    _, items = units_and_items(lengths, (rng.random(60) < 0.2).tolist())
+    items = units_and_items(lengths, (rng.random(60) < 0.2).tolist())[1]
     reference = check_resume(lambda: Pack(IterableWrapper(items), 7, policy, remainder, buffer, block_rows, bos=EOT))
     assert len(reference) > 10
 
@@ -263,3 +263,13 @@ def test_pack_resume_in_a_new_process_equals_the_uninterrupted_run(tmp_path, num
     for (state, count), rest, k in zip(resume, _restore_in_new_process(tmp_path, config, loader, resume), (3, first - 1, first + 2)):
         expected = (epochs[0][k:] + epochs[1])[:count] if k < first else epochs[1][k - first : k - first + count]
         assert len(rest) == count and all(np.array_equal(a, b) for a, b in zip(rest, expected)), f"stopped after {k}"
+
+
+def test_configs_check_what_pack_and_batch_take(tmp_path):
+    from pipeline.registry import ConfigError
+
+    stages = {"read": {"type": "read_text", "paths": [str(tmp_path / "a.txt")]}}
+    with pytest.raises(ConfigError, match="takes tokens, but its input `read` gives documents"):
+        Pipeline.from_config({"stages": {**stages, "pack": {"type": "pack", "input": "read", "max_length": 4}}})
+    with pytest.raises(ConfigError, match="takes windows or packed, but its input `read` gives documents"):
+        Pipeline.from_config({"stages": {**stages, "batch": {"type": "batch", "input": "read", "batch_size": 2}}})

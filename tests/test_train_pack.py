@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import runpy
 import sys
 
@@ -63,7 +64,7 @@ def test_document_mask_agrees_with_cu_seqlens():
     mask = EXAMPLE["document_mask"](batch["position_ids"])[:, 0].reshape(-1, T, T)
     cu = batch["cu_seqlens"].tolist()
     allowed = torch.zeros(2 * T, 2 * T, dtype=torch.bool)  # flash-attention varlen: causal inside each sequence
-    for start, end in zip(cu, cu[1:]):
+    for start, end in itertools.pairwise(cu):
         allowed[start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
     assert torch.equal(mask[0], allowed[:T, :T]) and torch.equal(mask[1], allowed[T:, T:])
 
