@@ -81,7 +81,7 @@ class Pack(Stage[np.ndarray]):
         policy: str = "best_fit",
         remainder: str = "drop",
         buffer: int = 1000,
-        block_rows: int = 64,
+        block_rows: int = 256,
         bos: int | None = None,
     ):
         super().__init__()
@@ -112,6 +112,7 @@ class Pack(Stage[np.ndarray]):
         self._held: deque[list] = deque()  # [item number, input state before it, live documents]
         self._items = self._read = 0  # items and documents read this pass
         self._ended = False
+        self._state: dict[str, Any] | None = None
         if initial_state is None:
             self.source.reset()
             return
@@ -123,6 +124,11 @@ class Pack(Stage[np.ndarray]):
         self._release()
 
     def get_state(self) -> dict[str, Any]:
+        if self._state is None:  # asked for before each item by a cursor downstream: built once per item
+            self._state = self._position()
+        return self._state
+
+    def _position(self) -> dict[str, Any]:
         first = self._held[0][0] if self._held else self._items
         return {
             "source": self._held[0][1] if self._held else self.source.state_dict(),
@@ -133,11 +139,18 @@ class Pack(Stage[np.ndarray]):
         }
 
     def next(self) -> np.ndarray:
+        self._state = None
         span = self.max_length + 1
         block = np.empty((self.block_rows, 2, span), dtype=np.int32)
         n = 0
-        while n < self.block_rows and self._row(block[n, 0], block[n, 1]):
-            n += 1
+        while n < self.block_rows:
+            whole = self._whole_rows(block[n:])
+            if whole:
+                n += whole
+            elif self._row(block[n, 0], block[n, 1]):
+                n += 1
+            else:
+                break
         if n == 0:
             raise StopIteration
         self.stats["rows"] += n
@@ -160,6 +173,31 @@ class Pack(Stage[np.ndarray]):
             self.stats["padding tokens"] += span - used
         self.stats["tokens packed"] += used
         return True
+
+    def _whole_rows(self, out: np.ndarray) -> int:
+        """Rows filled at once by a long document that would fill them one by one (``keep``: its tail
+        comes back oldest, so greedy or the age rule places it first again); 0 when none."""
+        self._fill()
+        if not self.keep or not self._docs:
+            return 0
+        seq = self._by_seq[0]
+        by_age = self._read - seq > 2 * self.buffer
+        if not (by_age or self.policy == "greedy"):
+            return 0
+        entry = self._docs[seq]
+        ids, span = entry[0], out.shape[2]
+        k = min((len(ids) - 1) // span, len(out))  # the row that ends it goes the usual way
+        if k == 0:
+            return 0
+        out[:k, 0] = ids[: k * span].reshape(k, span)
+        out[:k, 1] = self._positions
+        del self._by_len[bisect_left(self._by_len, (len(ids), seq))]
+        entry[0], entry[3] = ids[k * span :], entry[3] + k * span
+        insort(self._by_len, (len(ids) - k * span, seq))
+        self.stats["pieces"] += k
+        self.stats["placed by age"] += k * by_age
+        self.stats["tokens packed"] += k * span
+        return k
 
     def _pick(self, space: int) -> int:
         """The seq of the document to place next in ``space`` tokens."""

@@ -273,3 +273,15 @@ def test_configs_check_what_pack_and_batch_take(tmp_path):
         Pipeline.from_config({"stages": {**stages, "pack": {"type": "pack", "input": "read", "max_length": 4}}})
     with pytest.raises(ConfigError, match="takes windows or packed, but its input `read` gives documents"):
         Pipeline.from_config({"stages": {**stages, "batch": {"type": "batch", "input": "read", "batch_size": 2}}})
+
+
+@pytest.mark.parametrize("policy,buffer", [("greedy", 1), ("best_fit", 2), ("best_fit", 6)])
+def test_whole_rows_at_once_equal_row_by_row(monkeypatch, policy, buffer):
+    rng = np.random.default_rng(3)
+    items = units_and_items(rng.lognormal(2.5, 1.2, 80).astype(int).tolist(), (rng.random(80) < 0.1).tolist())[1]
+    fast = Pack(IterableWrapper(items), 5, policy, "keep", buffer, block_rows=4, bos=EOT)
+    expected = [b.copy() for b in Loader(fast)]
+    monkeypatch.setattr(Pack, "_whole_rows", lambda self, out: 0)
+    slow = Pack(IterableWrapper(items), 5, policy, "keep", buffer, block_rows=1, bos=EOT)
+    assert np.array_equal(np.concatenate(expected), np.concatenate(list(Loader(slow))))
+    assert fast.stats == Counter({**slow.stats, "items": fast.stats["items"], "seconds": fast.stats["seconds"]})
