@@ -15,6 +15,7 @@ from pipeline.stage import Stage, upstream_nodes
 
 POLICIES = ("best_fit", "greedy")
 REMAINDERS = ("drop", "keep")
+WAIT_BUFFERS = 2  # a document may wait while this many buffers' worth of newer ones are read
 
 
 def documents_of(item: Any, bos: int, first: bool) -> tuple[np.ndarray, list[int]]:
@@ -101,6 +102,7 @@ class Pack(Stage[np.ndarray]):
         self.keep = remainder == "keep"
         self.buffer = buffer if policy == "best_fit" else 1  # greedy needs only the next document
         self.block_rows = block_rows
+        self.wait = WAIT_BUFFERS * buffer  # documents read while one waits, at most, before it goes first
         self.bos = self.params["bos"] = bos  # resolved: a copy built from params (bench) needs no encoder upstream
         self._positions = np.arange(max_length + 1, dtype=np.int32)
 
@@ -181,7 +183,7 @@ class Pack(Stage[np.ndarray]):
         if not self.keep or not self._docs:
             return 0
         seq = self._by_seq[0]
-        by_age = self._read - seq > 2 * self.buffer
+        by_age = self._read - seq > self.wait
         if not (by_age or self.policy == "greedy"):
             return 0
         entry = self._docs[seq]
@@ -204,7 +206,7 @@ class Pack(Stage[np.ndarray]):
         oldest = self._by_seq[0]
         if self.policy == "greedy":
             return oldest
-        if self._read - oldest > 2 * self.buffer:  # waited too long: a restore would re-read too much
+        if self._read - oldest > self.wait:  # waited too long: a restore would re-read too much
             self.stats["placed by age"] += 1
             return oldest
         i = bisect_right(self._by_len, (space, math.inf)) - 1  # the largest that fits
