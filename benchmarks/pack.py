@@ -12,7 +12,8 @@ used = tokens placed in rows, cropped = dropped by ``pack`` (the tail after the 
 ``sliding_window``), padded = padding tokens per row token. The rate is the encoder's tokens over the
 wall time from building the pipeline to its last batch; its ratio is to the same repeat's
 ``sliding_window`` run (medians; every other repeat runs in reverse order). The machine is shared, so
-the same ratio per CPU-second of this process (all its threads) is shown too. "alone" is the stage by itself on the encoded items, held in memory.
+the same ratio per CPU-second of this process (all its threads) is shown too. "alone" is the stage by
+itself on the encoded items, held in memory.
 """
 
 from __future__ import annotations
@@ -74,11 +75,12 @@ def run(folder: Path, name: str, max_length: int) -> dict:
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     tokens = encode.stats["tokens"]
     if name == "sliding_window":
-        used, cropped, padded = rows * max_length, stage.stats["tail tokens"], 0
+        used, cropped, padded = rows * max_length, stage.stats["tail_tokens"], 0
     else:
-        used, cropped, padded = stage.stats["tokens packed"], stage.stats["tokens cropped"], stage.stats["padding tokens"]
+        stats = stage.stats
+        used, cropped, padded = stats["tokens_packed"], stats["tokens_cropped"], stats["padding_tokens"]
     return {"rate": tokens / seconds, "cpu rate": tokens / cpu, "used": used / tokens, "cropped": cropped / tokens,
-            "padded": padded / (rows * (max_length + 1)), "by_age": stage.stats["placed by age"], "rows": rows}
+            "padded": padded / (rows * (max_length + 1)), "by_age": stage.stats["placed_by_age"], "rows": rows}
 
 
 def alone(items: list[dict], name: str, max_length: int) -> float:
@@ -107,7 +109,7 @@ def main() -> None:
           f"median {int(np.median(lengths))}, mean {int(lengths.mean())}, p90 {int(np.percentile(lengths, 90))}, "
           f"max {lengths.max():,}")
     print("\n| max_length | rows from | used | cropped | padded | placed by age | M tokens/s end to end | ratio to "
-          "sliding_window | per CPU-second, ratio | M tokens/s alone |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "sliding_window | per CPU-second, ratio | M tokens/s alone |\n" + "| --- " * 10 + "|")
     for max_length in LENGTHS:
         results: dict[str, list[dict]] = {name: [] for name in RUNS}
         for repeat in range(args.repeats):
@@ -119,7 +121,8 @@ def main() -> None:
             rate = statistics.median(r["rate"] for r in runs)
             first = runs[0]
             print(f"| {max_length} | {name} | {first['used']:.1%} | {first['cropped']:.1%} | {first['padded']:.2%} | "
-                  f"{first['by_age']:,} | {rate / 1e6:.2f} | {ratio:.2f} | {cpu_ratio:.2f} | {alone(items, name, max_length) / 1e6:.1f} |",
+                  f"{first['by_age']:,} | {rate / 1e6:.2f} | {ratio:.2f} | {cpu_ratio:.2f} | "
+                  f"{alone(items, name, max_length) / 1e6:.1f} |",
                   flush=True)
 
 

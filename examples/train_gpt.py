@@ -39,7 +39,8 @@ from stages.read_text import expand_paths, next_cut  # noqa: E402
 
 VOCAB_SIZE = 50257  # GPT-2 BPE
 MUST_MATCH = (
-    "data", "val_fraction", "piece_bytes", "emb_dim", "layers", "heads", "context", "batch", "seed", "pack", "remainder",
+    "data", "val_fraction", "piece_bytes", "emb_dim", "layers", "heads", "context", "batch", "seed",
+    "pack", "remainder",
 )
 
 # --- the model: the book's chapter 4 GPTModel, less its embedding tables --------------------------
@@ -294,7 +295,7 @@ def evaluate(model: nn.Module, embedding: nn.Module, val: Pipeline, max_batches:
 
 def packing_line(stats) -> str:
     """Tokens used vs cropped (and padded) by the pack stage in this epoch so far."""
-    used, cropped, padded = stats["tokens packed"], stats["tokens cropped"], stats["padding tokens"]
+    used, cropped, padded = stats["tokens_packed"], stats["tokens_cropped"], stats["padding_tokens"]
     total = max(used + cropped + padded, 1)
     return (f"pack tokens_used={used} ({used / total:.1%}) tokens_cropped={cropped} ({cropped / total:.1%}) "
             f"padding={padded} ({padded / total:.1%})")

@@ -133,7 +133,8 @@ def reference_markdown(stages: dict[str, type]) -> str:
         ]
         parts.append(
             f"### `{name}`\n\n{summary}\n\n"
-            f"- input: {inputs}; takes: {' or '.join(item_kinds(getattr(cls, 'consumes', None))) or '-'}\n- gives: {cls.produces}\n\n"
+            f"- input: {inputs}; takes: {' or '.join(item_kinds(getattr(cls, 'consumes', None))) or '-'}\n"
+            f"- gives: {cls.produces}\n\n"
             "| field | type | default | description |\n| --- | --- | --- | --- |"
         )
         for f in fields(cls).values():

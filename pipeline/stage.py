@@ -53,7 +53,7 @@ class Stage(BaseNode[T]):
 
     type_name = "stage"
     in_workers = False  # True for stages worth running in DataLoader workers (read, encode, window)
-    consumes: str | tuple[str, ...] | None = None  # the kind(s) of item taken (pipeline.schema.ITEMS); None: reads files
+    consumes: str | tuple[str, ...] | None = None  # kind(s) of item taken (pipeline.schema.ITEMS); None: reads files
     produces: str | None = None  # the kind of item given
 
     def __init__(self) -> None:

@@ -29,7 +29,7 @@ def sinusoidal_table(context_length: int, d_model: int) -> torch.Tensor:
 
 
 class InputEmbedding(nn.Module):
-    """``tok_emb(ids) + pos_emb(arange(T))``, named as in the book's ``GPTModel``; packed rows: ``pos_emb(position_ids)``.
+    """``tok_emb(ids) + pos_emb(arange(T))`` as in the book's ``GPTModel``; packed rows: ``pos_emb(position_ids)``.
 
     ``pos_emb`` is an ``nn.Embedding`` for ``learned`` positions, a fixed table (``pos_table``, a
     buffer left out of ``state_dict``: it is the formula's) for ``sinusoidal``, and absent for ``none``.

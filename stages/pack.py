@@ -51,11 +51,11 @@ class Pack(Stage[np.ndarray]):
     ``best_fit`` holds up to ``buffer`` documents and fills each row with the largest one that fits
     the space left, again and again; when none fits, the shortest is cropped to fill the row.
     ``greedy`` takes documents in arrival order and crops the last one of each row. The cropped tail
-    is dropped and counted (``remainder: drop``, stat ``tokens cropped``) or goes back into the buffer
+    is dropped and counted (``remainder: drop``, stat ``tokens_cropped``) or goes back into the buffer
     as a piece of its own (``keep``: no token is lost). So that a restore re-reads a bounded stretch,
     a document still buffered after ``2 * buffer`` newer ones were read goes into the next row first
-    (stat ``placed by age``). Each document starts with ``<|endoftext|>`` (``bos``); a piece does not.
-    Only the last row of a stream may be short: it is padded (stat ``padding tokens``).
+    (stat ``placed_by_age``). Each document starts with ``<|endoftext|>`` (``bos``); a piece does not.
+    Only the last row of a stream may be short: it is padded (stat ``padding_tokens``).
 
     Items are int32 blocks ``[n, 2, max_length + 1]``: ``[:, 0]`` the tokens, ``[:, 1]`` each
     token's position in its document or piece (0 at its first token; -1 on padding). The state is a
@@ -137,7 +137,7 @@ class Pack(Stage[np.ndarray]):
             "item": first,
             "items": len(self._held),
             "read": self._read,
-            "buffer": [[item - first, seg, offset, self._read - seq] for seq, (_, item, seg, offset) in self._docs.items()],
+            "buffer": [[item - first, seg, at, self._read - seq] for seq, (_, item, seg, at) in self._docs.items()],
         }
 
     def next(self) -> np.ndarray:
@@ -172,8 +172,8 @@ class Pack(Stage[np.ndarray]):
             return False
         if used < span:  # the stream ended: the last row is padded
             tokens[used:], positions[used:] = self.bos, -1
-            self.stats["padding tokens"] += span - used
-        self.stats["tokens packed"] += used
+            self.stats["padding_tokens"] += span - used
+        self.stats["tokens_packed"] += used
         return True
 
     def _whole_rows(self, out: np.ndarray) -> int:
@@ -197,8 +197,8 @@ class Pack(Stage[np.ndarray]):
         entry[0], entry[3] = ids[k * span :], entry[3] + k * span
         insort(self._by_len, (len(ids) - k * span, seq))
         self.stats["pieces"] += k
-        self.stats["placed by age"] += k * by_age
-        self.stats["tokens packed"] += k * span
+        self.stats["placed_by_age"] += k * by_age
+        self.stats["tokens_packed"] += k * span
         return k
 
     def _pick(self, space: int) -> int:
@@ -207,7 +207,7 @@ class Pack(Stage[np.ndarray]):
         if self.policy == "greedy":
             return oldest
         if self._read - oldest > self.wait:  # waited too long: a restore would re-read too much
-            self.stats["placed by age"] += 1
+            self.stats["placed_by_age"] += 1
             return oldest
         i = bisect_right(self._by_len, (space, math.inf)) - 1  # the largest that fits
         return self._by_len[i][1] if i >= 0 else self._by_len[0][1]  # else the shortest, cropped
@@ -224,7 +224,7 @@ class Pack(Stage[np.ndarray]):
             insort(self._by_len, (len(ids) - n, seq))
             self.stats["pieces"] += 1
             return n
-        self.stats["tokens cropped"] += len(ids) - n
+        self.stats["tokens_cropped"] += len(ids) - n
         del self._docs[seq], self._by_seq[bisect_left(self._by_seq, seq)]
         self._held[entry[1] - self._held[0][0]][2] -= 1
         self._release()

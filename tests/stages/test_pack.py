@@ -14,12 +14,12 @@ from torchdata.nodes import IterableWrapper, Loader
 
 from pipeline import Pipeline
 from stages.batch import IGNORE_INDEX, Batch
-from stages.encode import BpeEncode
+from stages.bpe_encode import BpeEncode
 from stages.pack import Pack
-from stages.read import ReadText
+from stages.read_text import ReadText
 from tests.corpora import write_arrow_corpus
 from tests.resume import check_resume
-from tests.test_resume import _restore_in_new_process, _take
+from tests.pipeline.test_resume import _restore_in_new_process, _take
 
 EOT = 50256
 
@@ -93,8 +93,8 @@ def test_pack_properties(lengths, data, max_length, policy, remainder, buffer, b
     found = segments(blocks)
     total = sum(map(len, units))
     packed = sum(len(s) for _, s in found)
-    assert node.stats["tokens packed"] == packed
-    assert node.stats["padding tokens"] == len(rows) * (max_length + 1) - packed
+    assert node.stats["tokens_packed"] == packed
+    assert node.stats["padding_tokens"] == len(rows) * (max_length + 1) - packed
     placed: dict[int, list[tuple[int, int]]] = {}
     alone = 0  # segments of just <|endoftext|>: a document with no tokens, or one cropped to its first token
     for _, segment in found:
@@ -110,13 +110,14 @@ def test_pack_properties(lengths, data, max_length, policy, remainder, buffer, b
     empty = sum(unit == [EOT] for unit in units)
     assert alone == (empty + heads if remainder == "keep" else len(units) - len(placed))
     if remainder == "keep":  # every document's tokens exactly once, in order
-        assert packed == total and node.stats["tokens cropped"] == 0
+        assert packed == total and node.stats["tokens_cropped"] == 0
         for u, spans in placed.items():
             starts = [a for a, _ in spans]
-            assert starts == [starts[0]] + [b for _, b in spans[:-1]] and starts[0] in (0, 1) and spans[-1][1] == len(units[u])
+            assert starts == [starts[0]] + [b for _, b in spans[:-1]] and starts[0] in (0, 1)
+            assert spans[-1][1] == len(units[u])
     else:  # each document once, cropped to what fits; the rest counted
         assert len(found) == len(units) and all(len(spans) == 1 and spans[0][0] == 0 for spans in placed.values())
-        assert node.stats["tokens cropped"] == total - packed
+        assert node.stats["tokens_cropped"] == total - packed
     if policy == "best_fit" and remainder == "drop" and not any(continues[1:]):
         assert all(row[0][0] == EOT for row in rows)  # every row starts with a document's first token
     if policy == "greedy":
@@ -168,7 +169,7 @@ def test_best_fit_fills_rows_better_than_greedy():
     for policy in ("best_fit", "greedy"):
         node = Pack(IterableWrapper(units_and_items(lengths, [False] * len(lengths))[1]), 255, policy, bos=EOT)
         list(Loader(node))
-        shares[policy] = node.stats["tokens cropped"] / (node.stats["tokens cropped"] + node.stats["tokens packed"])
+        shares[policy] = node.stats["tokens_cropped"] / (node.stats["tokens_cropped"] + node.stats["tokens_packed"])
     assert shares["best_fit"] < shares["greedy"]
 
 
@@ -208,7 +209,8 @@ def test_resume_pack_from_text_through_batch(tmp_path, shuffle):
         (tmp_path / f"{i}.txt").write_text(" ".join(f"w{k}" for k in range(int(rng.integers(5, 400)))))
 
     def make():
-        packed = Pack(BpeEncode(ReadText(paths, chunk_bytes=64), batch_bytes=40), 9, remainder="keep", buffer=4, block_rows=3)
+        encoded = BpeEncode(ReadText(paths, chunk_bytes=64), batch_bytes=40)
+        packed = Pack(encoded, 9, remainder="keep", buffer=4, block_rows=3)
         return Batch(packed, 3, drop_last=False, shuffle=shuffle, seed=5, shuffle_windows=7)
 
     assert len(check_resume(make)) > 10
@@ -219,7 +221,8 @@ def _pack_config(corpus, remainder: str, shuffle: bool, drop_last: bool) -> dict
         "stages": {
             "read": {"type": "read_arrow", "paths": [str(corpus)], "shuffle": shuffle, "seed": 5},
             "encode": {"type": "bpe_encode", "input": "read"},
-            "pack": {"type": "pack", "input": "encode", "max_length": 7, "remainder": remainder, "buffer": 5, "block_rows": 2},
+            "pack": {"type": "pack", "input": "encode", "max_length": 7, "remainder": remainder, "buffer": 5,
+                     "block_rows": 2},
             "batch": {"type": "batch", "input": "pack", "batch_size": 2, "shuffle": shuffle, "shuffle_windows": 12,
                       "drop_last": drop_last},
         }
@@ -260,7 +263,8 @@ def test_pack_resume_in_a_new_process_equals_the_uninterrupted_run(tmp_path, num
         head = _take(iter(pipe), min(k, first)) + (_take(iter(pipe), k - first) if k > first else [])
         assert all(np.array_equal(a, b) for a, b in zip(head, epochs[0] + epochs[1]))
         resume.append((json.loads(json.dumps(pipe.state_dict())), (first - k if k < first else 0) + 5))
-    for (state, count), rest, k in zip(resume, _restore_in_new_process(tmp_path, config, loader, resume), (3, first - 1, first + 2)):
+    rests = _restore_in_new_process(tmp_path, config, loader, resume)
+    for (state, count), rest, k in zip(resume, rests, (3, first - 1, first + 2)):
         expected = (epochs[0][k:] + epochs[1])[:count] if k < first else epochs[1][k - first : k - first + count]
         assert len(rest) == count and all(np.array_equal(a, b) for a, b in zip(rest, expected)), f"stopped after {k}"
 

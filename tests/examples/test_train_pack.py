@@ -15,7 +15,7 @@ from stages.batch import Batch
 from stages.embed import InputEmbedding
 from stages.pack import Pack
 from tests.conftest import ROOT
-from tests.test_train import TINY, run
+from tests.examples.test_train import TINY, run
 
 EXAMPLE = runpy.run_path(str(ROOT / "examples" / "train_gpt.py"), run_name="train_gpt")
 EOT, T = 50256, 24
@@ -43,7 +43,8 @@ def test_changing_one_document_leaves_the_others_outputs_unchanged(positional):
             logits = model(tables(batch["inputs"], batch["position_ids"]), batch["position_ids"])
             plain = model(tables(batch["inputs"]))  # the book's causal attention over the whole row
         start_c = 2 + len(a) + len(b)
-        outputs[name] = (logits[0, : len(a) + 1], logits[0, start_c : start_c + len(c) + 1], plain[0, start_c : start_c + 6])
+        outputs[name] = (logits[0, : len(a) + 1], logits[0, start_c : start_c + len(c) + 1],
+                         plain[0, start_c : start_c + 6])
     for name in ("b changed", "b longer"):  # c moves when b grows: its positions restart, so its outputs stay
         torch.testing.assert_close(outputs[name][0], outputs["b"][0])
         torch.testing.assert_close(outputs[name][1], outputs["b"][1])
@@ -73,6 +74,7 @@ def test_train_gpt_pack_logs_tokens_used_and_cropped(verdict_path):
     out = run([sys.executable, "examples/train_gpt.py", "--data", str(verdict_path), *TINY, "--steps", "4",
                "--pack", "--remainder", "keep", "--piece-bytes", "512"])
     assert "pack tokens_used=" in out and "tokens_cropped=0 " in out
-    out = run([sys.executable, "examples/train_gpt.py", "--data", str(verdict_path), *TINY, "--steps", "4", "--pack", "--piece-bytes", "256"])
+    out = run([sys.executable, "examples/train_gpt.py", "--data", str(verdict_path), *TINY, "--steps", "4",
+               "--pack", "--piece-bytes", "256"])
     cropped = int(out.split("tokens_cropped=")[1].split()[0])
     assert cropped > 0  # one book in pieces: each piece is cropped to a row
