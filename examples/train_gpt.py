@@ -34,11 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from pipeline import Pipeline  # noqa: E402
 from pipeline.shard import ShardedSource  # noqa: E402
 from pipeline.stage import Stage  # noqa: E402
-from stages import Batch, BpeEncode, Embed, SlidingWindow  # noqa: E402
+from stages import Batch, BpeEncode, Embed, Pack, SlidingWindow  # noqa: E402
 from stages.read_text import expand_paths, next_cut  # noqa: E402
 
 VOCAB_SIZE = 50257  # GPT-2 BPE
-MUST_MATCH = ("data", "val_fraction", "piece_bytes", "emb_dim", "layers", "heads", "context", "batch", "seed")
+MUST_MATCH = (
+    "data", "val_fraction", "piece_bytes", "emb_dim", "layers", "heads", "context", "batch", "seed",
+    "pack", "remainder",
+)
 
 # --- the model: the book's chapter 4 GPTModel, less its embedding tables --------------------------
 
@@ -85,10 +88,15 @@ class MultiHeadAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention (the book's); with ``mask`` (``document_mask``), only within each document."""
         b, num_tokens, _ = x.shape
         split = lambda t: t.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
         keys, queries, values = split(self.W_key(x)), split(self.W_query(x)), split(self.W_value(x))
+        if mask is not None:
+            p = self.dropout.p if self.training else 0.0
+            context = nn.functional.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=p)
+            return self.out_proj(context.transpose(1, 2).reshape(b, num_tokens, self.d_out))
         attn_scores = queries @ keys.transpose(2, 3)
         attn_scores.masked_fill_(self.mask.bool()[:num_tokens, :num_tokens], -torch.inf)  # causal
         attn_weights = self.dropout(torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1))
@@ -104,8 +112,8 @@ class TransformerBlock(nn.Module):
         self.norm1, self.norm2 = LayerNorm(emb_dim), LayerNorm(emb_dim)
         self.drop_shortcut = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x)))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), mask))
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
 
@@ -129,8 +137,26 @@ class GPT(nn.Module):
         self.final_norm = LayerNorm(emb_dim)
         self.out_head = nn.Linear(emb_dim, vocab_size, bias=False)
 
-    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.out_head(self.final_norm(self.trf_blocks(self.drop_emb(embeddings))))
+    def forward(self, embeddings: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits; with ``position_ids`` (packed rows), each token attends only within its document."""
+        mask = None if position_ids is None else document_mask(position_ids)
+        x = self.drop_emb(embeddings)
+        for block in self.trf_blocks:
+            x = block(x, mask)
+        return self.out_head(self.final_norm(x))
+
+
+def document_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask [B, 1, T, T] (True: may attend) from ``position_ids`` [B, T].
+
+    A document or piece starts where its position is 0 (``cu_seqlens`` holds the same starts,
+    flattened); query ``q`` sees key ``k <= q`` of the same one. Rows without restarts give the plain
+    causal mask.
+    """
+    t = position_ids.shape[-1]
+    document = (position_ids == 0).cumsum(-1)
+    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
+    return ((document[:, :, None] == document[:, None, :]) & causal)[:, None]
 
 
 def loss_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -221,7 +247,10 @@ def make_pipeline(docs: list, args: argparse.Namespace, train: bool) -> Pipeline
         else TextPieces(docs, args.piece_bytes, rank=0, world_size=1)
     )
     node = BpeEncode(node, encoding="gpt2")
-    node = SlidingWindow(node, max_length=args.context, stride=args.context)
+    if args.pack:  # rows that start at documents; attention stays inside each (GPT.forward)
+        node = Pack(node, max_length=args.context, policy=args.pack, remainder=args.remainder)
+    else:
+        node = SlidingWindow(node, max_length=args.context, stride=args.context)
     node = Batch(node, batch_size=args.batch, drop_last=train, shuffle=train, seed=args.seed)
     if train:
         node = Embed(
@@ -253,14 +282,23 @@ def evaluate(model: nn.Module, embedding: nn.Module, val: Pipeline, max_batches:
     """Mean loss over the first ``max_batches`` validation batches, embedded with the training tables."""
     device = next(embedding.parameters()).device
     model.eval()
-    losses = [
-        loss_of(model(embedding(b["inputs"].to(device))), b["targets"].to(device)).item()
-        for b in islice(val, max_batches)
-    ]
+    losses = []
+    for b in islice(val, max_batches):
+        position_ids = b["position_ids"].to(device) if "position_ids" in b else None
+        logits = model(embedding(b["inputs"].to(device), position_ids), position_ids)
+        losses.append(loss_of(logits, b["targets"].to(device)).item())
     model.train()
     if not losses:
         raise SystemExit(f"the validation text gives no window of {val!r}: use more text or a smaller --context")
     return sum(losses) / len(losses)
+
+
+def packing_line(stats) -> str:
+    """Tokens used vs cropped (and padded) by the pack stage in this epoch so far."""
+    used, cropped, padded = stats["tokens_packed"], stats["tokens_cropped"], stats["padding_tokens"]
+    total = max(used + cropped + padded, 1)
+    return (f"pack tokens_used={used} ({used / total:.1%}) tokens_cropped={cropped} ({cropped / total:.1%}) "
+            f"padding={padded} ({padded / total:.1%})")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -274,6 +312,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--context", type=int, default=32, help="tokens per window (and position-table rows)")
+    p.add_argument("--pack", nargs="?", const="best_fit", choices=["best_fit", "greedy"],
+                   help="pack documents into rows (policy, default best_fit) instead of sliding windows")
+    p.add_argument("--remainder", default="drop", choices=["drop", "keep"], help="with --pack: a cropped tail's fate")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=100, help="optimizer steps in all (a resumed run goes on to this step)")
@@ -348,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     data, losses, started, first = batches(pipe), [], time.perf_counter(), step
     while step < args.steps:
         batch = next(data)
-        loss = loss_of(model(batch["embeddings"]), batch["targets"])
+        loss = loss_of(model(batch["embeddings"], batch.get("position_ids")), batch["targets"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -357,6 +398,8 @@ def main(argv: list[str] | None = None) -> None:
         if step == 1 or step % args.eval_every == 0 or step == args.steps:
             val_loss = evaluate(model, embedding, val, args.eval_batches)
             print(f"step={step} train_loss={torch.stack(losses).mean().item():.6f} val_loss={val_loss:.6f}", flush=True)
+            if args.pack:
+                print(packing_line(pipe.stages["pack"].stats), flush=True)
             losses = []
             if args.checkpoint:
                 save(args.checkpoint, step, model, pipe, optimizer, args)

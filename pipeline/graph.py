@@ -13,7 +13,7 @@ from torchdata.nodes import BaseNode, Loader
 
 from pipeline.config import load_config
 from pipeline.registry import ConfigError, did_you_mean, stage_class
-from pipeline.schema import FieldError, check_field, fields, takes
+from pipeline.schema import FieldError, check_field, fields, item_kinds, takes
 from pipeline.shard import Reader
 from pipeline.stage import RunContext, Stage, inputs_of, upstream_nodes
 from pipeline.workers import Workers
@@ -120,14 +120,14 @@ def _check_acyclic(specs, refs) -> None:
 
 
 def _check_items(specs, refs) -> None:
-    """Each stage's input must give the kind of item it takes (documents, tokens, windows, batches)."""
+    """Each stage's input must give a kind of item it takes (its ``consumes``)."""
     for name, names in refs.items():
-        wants = stage_class(specs[name]["type"], name).consumes
-        for ref in names if wants is not None else []:
+        wants = item_kinds(stage_class(specs[name]["type"], name).consumes)
+        for ref in names if wants else []:
             gives = stage_class(specs[ref.partition(".")[0]]["type"], ref).produces
-            if wants != gives:
+            if gives not in wants:
                 key = "inputs" if len(names) > 1 or "inputs" in specs[name] else "input"
-                raise ConfigError(f"takes {wants}, but its input `{ref}` gives {gives}", name, key)
+                raise ConfigError(f"takes {' or '.join(wants)}, but its input `{ref}` gives {gives}", name, key)
 
 
 def build_stages(config: Mapping[str, Any]) -> dict[str, BaseNode]:

@@ -74,6 +74,12 @@ def type_text(hint: Any) -> str:
     return re.sub(r"\btyping\.", "", str(hint) if not isinstance(hint, type) else hint.__name__)
 
 
+
+def item_kinds(consumes: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """The item kinds a stage takes, from its ``consumes`` (one kind, several, or None for a reader)."""
+    return () if consumes is None else (consumes,) if isinstance(consumes, str) else tuple(consumes)
+
+
 @dataclass
 class Field:
     name: str

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import torch
 from torchdata.nodes import BaseNode
 
-from pipeline.schema import fields
+from pipeline.schema import fields, item_kinds
 
 T = TypeVar("T")
 
@@ -76,7 +76,7 @@ class Stage(BaseNode[T]):
 
     type_name = "stage"
     in_workers = False  # True for stages worth running in DataLoader workers (read, encode, window)
-    consumes: str | None = None  # the kind of item taken; None: reads files
+    consumes: str | tuple[str, ...] | None = None  # the kind(s) of item taken; None: reads files
     produces: str | None = None  # the kind of item given
     params: dict[str, Any] | None = None  # the arguments it was built with (set by ``register``)
     module: torch.nn.Module | None = None  # parameters to train with the model (``Pipeline.embedding``)
@@ -133,7 +133,7 @@ class Stage(BaseNode[T]):
 
     def __repr__(self) -> str:
         params = self.settings()
-        flow = f"; {self.consumes or 'files'} -> {self.produces}" if self.produces else ""
+        flow = f"; {' or '.join(item_kinds(self.consumes)) or 'files'} -> {self.produces}" if self.produces else ""
         return f"<{type(self).__name__} '{self.name}' {params}{flow}>"
 
 

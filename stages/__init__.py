@@ -6,6 +6,7 @@ from stages.bpe_encode import BpeEncode
 from stages.embed import Embed, InputEmbedding
 from stages.encoding import load_encoding
 from stages.mix import Mix
+from stages.pack import Pack
 from stages.read_arrow import ReadArrow
 from stages.read_text import ReadText
 from stages.sliding_window import SlidingWindow
@@ -19,6 +20,7 @@ __all__ = [
     "Embed",
     "InputEmbedding",
     "Mix",
+    "Pack",
     "ReadArrow",
     "ReadText",
     "ReadTokens",

@@ -28,6 +28,7 @@ class BatchDict(dict):
 class Batch(Stage[dict]):
     """Stacks windows (rows of ``max_length + 1`` tokens) into ``{"inputs", "targets"}``, int64 [B, T].
 
+    Packed rows (``pack``) also give ``position_ids`` and ``cu_seqlens`` (see ``packed_batch``).
     With ``shuffle``, windows are read in groups of ``shuffle_windows`` and each group is permuted
     by a generator seeded from ``(seed, epoch, group)``: the order is a function of the seed alone,
     and the state stays a position (no buffered data).
@@ -40,7 +41,7 @@ class Batch(Stage[dict]):
         shuffle_windows: windows per shuffled group (rounded up to a multiple of ``batch_size``).
     """
 
-    consumes = "windows"
+    consumes = ("windows", "packed")
     produces = "batches"
 
     def __init__(
@@ -93,6 +94,8 @@ class Batch(Stage[dict]):
             raise StopIteration
         self._taken += len(windows)
         self.stats["batches"] += 1
+        if windows.ndim == 3:
+            return packed_batch(windows)
         return BatchDict(
             inputs=torch.from_numpy(np.ascontiguousarray(windows[:, :-1], dtype=np.int64)),
             targets=torch.from_numpy(np.ascontiguousarray(windows[:, 1:], dtype=np.int64)),
@@ -110,3 +113,34 @@ class Batch(Stage[dict]):
             rng = np.random.default_rng([self.seed, self._epoch, self._group_index])
             group = group[rng.permutation(n)]
         self._group = group
+
+
+IGNORE_INDEX = -100  # cross_entropy's default ignore_index: targets on padding
+
+
+def packed_batch(rows: np.ndarray) -> BatchDict:
+    """A batch from packed rows ``[B, 2, T + 1]`` (tokens, positions; -1 on padding).
+
+    ``position_ids`` int64 [B, T]: each input's position in its document or piece. ``cu_seqlens``
+    int32: where each document or piece starts in the flattened B*T inputs, then B*T (flash-attention's
+    variable-length convention); its length is rounded up to a power of two by repeating B*T (empty
+    sequences), so torch.compile sees at most log2(B*T) + 1 shapes. Padding (only in a stream's last
+    row) is a sequence of its own, its targets ``IGNORE_INDEX``.
+    """
+    tokens, positions = rows[:, 0], rows[:, 1]
+    b, t = tokens.shape[0], tokens.shape[1] - 1
+    pad = positions < 0
+    targets = tokens[:, 1:].astype(np.int64)
+    position_ids = positions[:, :-1].astype(np.int64)
+    if pad.any():  # padding is at a row's end: it counts from 0 after the last real token
+        targets[pad[:, 1:]] = IGNORE_INDEX
+        position_ids = np.where(pad[:, :-1], np.arange(t) - (~pad).sum(axis=1, keepdims=True), position_ids)
+    starts = np.flatnonzero(position_ids.reshape(-1) == 0)
+    cu_seqlens = np.full(1 << len(starts).bit_length(), b * t, dtype=np.int32)
+    cu_seqlens[: len(starts)] = starts
+    return BatchDict(
+        inputs=torch.from_numpy(tokens[:, :-1].astype(np.int64)),
+        targets=torch.from_numpy(targets),
+        position_ids=torch.from_numpy(position_ids),
+        cu_seqlens=torch.from_numpy(cu_seqlens),
+    )

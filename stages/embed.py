@@ -30,7 +30,7 @@ def sinusoidal_table(context_length: int, d_model: int) -> torch.Tensor:
 
 
 class InputEmbedding(nn.Module):
-    """``tok_emb(ids) + pos_emb(arange(T))``, named as in the book's ``GPTModel``.
+    """``tok_emb(ids) + pos_emb(arange(T))`` as in the book's ``GPTModel``; packed rows: ``pos_emb(position_ids)``.
 
     ``pos_emb`` is an ``nn.Embedding`` for ``learned`` positions, a fixed table (``pos_table``, a
     buffer left out of ``state_dict``: it is the formula's) for ``sinusoidal``, and absent for ``none``.
@@ -55,15 +55,17 @@ class InputEmbedding(nn.Module):
             self.register_buffer("pos_table", sinusoidal_table(context_length, d_model), persistent=False)
         self.context_length = context_length
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings of ``ids`` [B, T] at ``position_ids`` [B, T] (packed rows), else at ``0..T-1``."""
         T = ids.shape[-1]
         if T > self.context_length:
             raise ValueError(f"sequence of {T} tokens is longer than context_length {self.context_length}")
+        positions = torch.arange(T, device=ids.device) if position_ids is None else position_ids
         embeddings = self.tok_emb(ids)
         if self.positional == "learned":
-            embeddings = embeddings + self.pos_emb(torch.arange(T, device=ids.device))
+            embeddings = embeddings + self.pos_emb(positions)
         elif self.positional == "sinusoidal":
-            embeddings = embeddings + self.pos_table[:T].to(embeddings.dtype)
+            embeddings = embeddings + self.pos_table[positions].to(embeddings.dtype)
         return embeddings
 
 
@@ -241,7 +243,7 @@ class Embed(Stage[dict]):
             for value in batch.values():
                 if torch.is_tensor(value):
                     value.record_stream(consumer)
-        batch["embeddings"] = self.module(batch["inputs"])
+        batch["embeddings"] = self.module(batch["inputs"], batch.get("position_ids"))
         self.stats["batches"] += 1
         self.stats["tokens"] += batch["inputs"].numel()
         return batch

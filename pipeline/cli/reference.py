@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 
 from pipeline.registry import load_stage_types
-from pipeline.schema import fields, takes
+from pipeline.schema import fields, item_kinds, takes
 from stages.item_kinds import ITEMS
 
 
@@ -29,7 +29,8 @@ def reference_markdown(stages: dict[str, type]) -> str:
         ]
         parts.append(
             f"### `{name}`\n\n{summary}\n\n"
-            f"- input: {inputs}; takes: {getattr(cls, 'consumes', None) or '-'}\n- gives: {cls.produces}\n\n"
+            f"- input: {inputs}; takes: {' or '.join(item_kinds(getattr(cls, 'consumes', None))) or '-'}\n"
+            f"- gives: {cls.produces}\n\n"
             "| field | type | default | description |\n| --- | --- | --- | --- |"
         )
         for f in fields(cls).values():
