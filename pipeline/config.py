@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.registry import ConfigError
+from pipeline.registry import ConfigError, did_you_mean
 
 
 def load_config(config: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
@@ -50,8 +50,6 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
             raise ConfigError(f"--set {override!r}: expected stage.field=value")
         stages = config.get("stages", {})
         if stage not in stages:
-            from pipeline.registry import did_you_mean
-
             raise ConfigError(f"--set {override!r}: no stage `{stage}`{did_you_mean(stage, stages)}", stage)
         stages[stage][field] = yaml.safe_load(value)
     return config

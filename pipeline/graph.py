@@ -201,8 +201,8 @@ class Pipeline:
         stages: the output stage (its upstream stages are found through ``source``/``sources``), or
             a mapping of stage names to stages.
         output: with a mapping, the stage (or ``split.branch``) to iterate (default: the last one).
-        rank, world_size: this process's place among the ranks, given to every reader (default: each
-            reader's own, from torch.distributed or the RANK / WORLD_SIZE environment).
+        rank, world_size: this process's place among the ranks, handed to every stage in the run context
+            (default: each reader's own, from torch.distributed or the RANK / WORLD_SIZE environment).
         num_workers: worker processes for the reading, encoding and windowing stages (0: in this process).
 
     ``Pipeline.from_config`` builds the same objects from a YAML/TOML file or a dict.
