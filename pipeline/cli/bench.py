@@ -9,7 +9,9 @@ from torchdata.nodes import IterableWrapper
 
 from pipeline.cli.common import add_pipeline_args, encoded_tokens, open_pipeline
 from pipeline.graph import Pipeline
-from pipeline.stage import inputs_of, upstream_nodes
+from pipeline.schema import takes
+from pipeline.stage import Stage, inputs_of, upstream_nodes
+from pipeline.workers import Workers
 
 
 def add_parser(commands) -> None:
@@ -26,10 +28,11 @@ def _take(pipe: Pipeline, n: int | None) -> list:
 def alone(node, items_by_node: dict[int, list]) -> float | None:
     """Seconds a fresh copy of ``node`` takes over its inputs' items, already in memory."""
     inputs = inputs_of(node)
-    if not hasattr(node, "params") or any(id(n) not in items_by_node for n in inputs):
+    if not isinstance(node, Stage) or node.params is None or any(id(n) not in items_by_node for n in inputs):
         return None
     sources = [IterableWrapper(items_by_node[id(n)]) for n in inputs]
-    copy = type(node)(sources, **node.params) if hasattr(node, "sources") else type(node)(*sources, **node.params)
+    many = takes(type(node)) == "many"
+    copy = type(node)(sources, **node.params) if many else type(node)(*sources, **node.params)
     start = time.perf_counter()
     for _ in Pipeline(copy):
         pass
@@ -44,7 +47,7 @@ def bench_command(args: argparse.Namespace) -> int:
     tokens = encoded_tokens(pipe)
     print(f"{pipe}\n\nwhole: {batches:,} batches in {whole:.3f} s, {tokens / whole / 1e6:.2f} M tokens/s encoded\n")
     # Replay: each stage's output during the whole run, kept in memory, feeds a fresh copy of the next.
-    nodes = [n for n in reversed(upstream_nodes(pipe.root)) if hasattr(n, "stats") and n.type_name != "workers"]
+    nodes = [n for n in reversed(upstream_nodes(pipe.root)) if isinstance(n, Stage) and not isinstance(n, Workers)]
     counts = {id(n): int(n.stats["items"]) for n in nodes}
     items_by_node: dict[int, list] = {}
     rows = []

@@ -7,7 +7,7 @@ from typing import Any
 
 from pipeline.config import apply_overrides, load_config
 from pipeline.graph import Pipeline
-from pipeline.stage import upstream_nodes
+from pipeline.stage import Stage, upstream_nodes
 
 
 def open_pipeline(args: argparse.Namespace, **extra: Any) -> Pipeline:
@@ -22,7 +22,7 @@ def encoded_tokens(pipe: Pipeline) -> int:
         (
             int(node.stats["tokens"])
             for node in upstream_nodes(pipe.root)
-            if getattr(node, "produces", None) == "tokens"
+            if isinstance(node, Stage) and node.produces == "tokens"
         ),
         0,
     )

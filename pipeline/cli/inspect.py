@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
+from typing import Protocol, runtime_checkable
 
 from pipeline.config import apply_overrides, load_config
 from pipeline.graph import Pipeline, check_config
@@ -12,7 +13,15 @@ from pipeline.items import describe
 from pipeline.cli.common import add_pipeline_args
 from pipeline.registry import ConfigError, stage_class
 from stages.item_kinds import ITEMS
-from pipeline.stage import upstream_nodes
+from pipeline.stage import Stage, upstream_nodes
+from pipeline.workers import Workers
+
+
+@runtime_checkable
+class Decoder(Protocol):
+    """A stage that turns its ids back into text (``bpe_encode``, ``word_encode``): ``--sample`` shows windows."""
+
+    def decode(self, ids) -> str: ...
 
 
 def add_parser(commands) -> None:
@@ -65,7 +74,7 @@ def shapes(pipe: Pipeline) -> list[tuple[str, str, str]]:
     """(stage, type, its first item described) for every stage on the output's path, upstream first."""
     rows = []
     for node in reversed(upstream_nodes(pipe.root)):
-        if not hasattr(node, "type_name") or node.type_name == "workers":
+        if not isinstance(node, Stage) or isinstance(node, Workers):
             continue
         probe = Pipeline(pipe.stages, output=node.name) if node.name.partition(".")[0] in pipe.stages else None
         item = next(iter(probe), None) if probe is not None else None
@@ -76,12 +85,13 @@ def shapes(pipe: Pipeline) -> list[tuple[str, str, str]]:
 def sample_windows(pipe: Pipeline, config: dict, n: int) -> list[str]:
     """The first ``n`` windows of the window stage on the output's path (else the config's first),
     decoded: ``context ---> next token``."""
-    on_path = [node.name for node in upstream_nodes(pipe.root) if getattr(node, "type_name", None) == "sliding_window"]
+    on_path = [node.name for node in upstream_nodes(pipe.root)
+               if isinstance(node, Stage) and node.type_name == "sliding_window"]
     in_config = [name for name, spec in config["stages"].items() if spec.get("type") == "sliding_window"]
     if not on_path and not in_config:
         raise ConfigError("--sample needs a sliding_window stage")
     window = Pipeline(pipe.stages, output=(on_path or in_config)[0])
-    encoder = next((node for node in upstream_nodes(window.root) if hasattr(node, "decode")), None)
+    encoder = next((node for node in upstream_nodes(window.root) if isinstance(node, Decoder)), None)
     if encoder is None:
         raise ConfigError("--sample needs an encode stage that can decode (bpe_encode, word_encode)", window.output)
     lines: list[str] = []

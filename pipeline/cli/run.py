@@ -11,7 +11,8 @@ import time
 from pipeline.checkpoint import load_json, save_json
 from pipeline.cli.common import add_pipeline_args, encoded_tokens, open_pipeline
 from pipeline.graph import Pipeline
-from pipeline.stage import inputs_of, upstream_nodes
+from pipeline.stage import Stage, inputs_of, upstream_nodes
+from pipeline.workers import Workers
 
 
 def add_parser(commands) -> None:
@@ -107,7 +108,8 @@ class Progress:
             return
         self.last = now
         nodes = upstream_nodes(self.pipe.root)
-        documents = next((int(n.stats["documents"]) for n in nodes if getattr(n, "produces", None) == "tokens"), 0)
+        encoders = [n for n in nodes if isinstance(n, Stage) and n.produces == "tokens"]
+        documents = int(encoders[0].stats["documents"]) if encoders else 0
         tokens = encoded_tokens(self.pipe)
         rate = tokens / (now - self.start) / 1e6
         sys.stderr.write(
@@ -123,16 +125,15 @@ class Progress:
 def summary(pipe: Pipeline, elapsed: float) -> str:
     """Per stage: items in and out, tokens, share of the time (its own, inputs excluded), skips."""
     rows = [("stage", "type", "items in", "items out", "tokens", "time", "notes")]
+    workers = any(isinstance(n, Workers) for n in upstream_nodes(pipe.root))
     for node in reversed(upstream_nodes(pipe.root)):
-        if not hasattr(node, "stats"):
+        if not isinstance(node, Stage):
             continue
         stats, inputs = node.stats, inputs_of(node)
-        items_in = sum(int(getattr(n, "stats", {}).get("items", 0)) for n in inputs) if inputs else None
-        own = stats["seconds"] - sum(getattr(n, "stats", {}).get("seconds", 0.0) for n in inputs)
-        in_workers = (
-            any(n.type_name == "workers" for n in upstream_nodes(pipe.root) if hasattr(n, "type_name"))
-            and node.in_workers
-        )
+        counted = [n.stats for n in inputs if isinstance(n, Stage)]
+        items_in = sum(int(s.get("items", 0)) for s in counted) if inputs else None
+        own = stats["seconds"] - sum(s.get("seconds", 0.0) for s in counted)
+        in_workers = workers and node.in_workers
         share = f"{max(own, 0) / elapsed:.0%}" + (" (workers)" if in_workers else "") if elapsed > 0 else "-"
         notes = ", ".join(
             f"{stats.label(k)}: {int(v):,}"

@@ -159,7 +159,7 @@ def prepare(
     encoding = encoding_identity(encode.encoding)
     dtype = token_dtype(encoding["n_vocab"])
     readers = [n for n in upstream_nodes(pipe.root) if isinstance(n, Reader)]
-    paths = list(dict.fromkeys(getattr(f, "path", f) for n in readers for f in n.files))
+    paths = list(dict.fromkeys(path for n in readers for path in n.paths()))
     sources = describe_sources(paths)
 
     out = os.path.abspath(os.fspath(out))
