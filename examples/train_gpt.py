@@ -34,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from pipeline import Pipeline  # noqa: E402
 from pipeline.shard import ShardedSource  # noqa: E402
 from pipeline.stage import Stage  # noqa: E402
+from pipeline.storage import expand_paths  # noqa: E402
 from stages import Batch, BpeEncode, Embed, Pack, SlidingWindow  # noqa: E402
-from stages.read_text import expand_paths, next_cut  # noqa: E402
+from stages.read_text import next_cut  # noqa: E402
 
 VOCAB_SIZE = 50257  # GPT-2 BPE
 MUST_MATCH = (

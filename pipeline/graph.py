@@ -16,6 +16,7 @@ from pipeline.registry import ConfigError, did_you_mean, stage_class
 from pipeline.schema import FieldError, check_field, fields, item_kinds, takes
 from pipeline.shard import Reader
 from pipeline.stage import RunContext, Stage, inputs_of, upstream_nodes
+from pipeline.storage import version
 from pipeline.workers import Workers
 
 STATE_VERSION = 1
@@ -307,14 +308,15 @@ class Pipeline:
         self.loader.load_state_dict(state["loader"])
 
     def _fingerprint(self) -> dict[str, Any]:
-        """What a saved state must match: the graph, the corpus files (with sizes), rank and workers."""
+        """What a saved state must match: the graph, the corpus files (sizes, and objects' modification times),
+        rank and workers."""
         nodes = [n for n in reversed(upstream_nodes(self.root)) if isinstance(n, Stage) and n.params is not None]
         graph = [
             [n.name, n.type_name, {k: v for k, v in n.params.items() if k not in ("rank", "world_size")}] for n in nodes
         ]
         readers = [n for n in nodes if isinstance(n, Reader)]
         files = [path for n in readers for path in n.paths()]
-        corpus = [[f, os.path.getsize(f) if os.path.exists(f) else None] for f in files]
+        corpus = [[f, *version(f)] for f in files]
         return {
             "graph": _digest(graph),
             "corpus": _digest(corpus),

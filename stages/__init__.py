@@ -8,6 +8,7 @@ from stages.encoding import load_encoding
 from stages.mix import Mix
 from stages.pack import Pack
 from stages.read_arrow import ReadArrow
+from stages.read_jsonl import ReadJsonl
 from stages.read_text import ReadText
 from stages.sliding_window import SlidingWindow
 from stages.split import Split
@@ -22,6 +23,7 @@ __all__ = [
     "Mix",
     "Pack",
     "ReadArrow",
+    "ReadJsonl",
     "ReadText",
     "ReadTokens",
     "SlidingWindow",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import json
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
@@ -12,7 +12,7 @@ from pipeline.registry import register
 from pipeline.schema import one_of
 from pipeline.shard import ShardedSource
 from pipeline.stage import Stage
-from stages.read_text import expand_paths
+from pipeline.storage import expand_paths, is_dir, is_remote, load_text, open_input, size, version
 
 ARROW_SUFFIXES = (".arrow", ".ipc", ".feather", ".arrows")
 NULL_POLICIES = ("error", "skip")
@@ -27,36 +27,93 @@ class _ArrowFile:
 
     def __init__(self, path: str):
         self.path = path
-        if os.path.getsize(path) == 0:
+        if size(path) == 0:
             raise ValueError(f"{path}: empty file (0 bytes), not an Arrow or Parquet file")
         try:
             if path.endswith(".parquet"):
                 self.format = "parquet"
-                meta = pq.ParquetFile(path)
-                self.schema, self.n_units = meta.schema_arrow, meta.metadata.num_row_groups
+                with self._open() as source:
+                    meta = pq.ParquetFile(source)
+                    self.schema, self.n_units = meta.schema_arrow, meta.metadata.num_row_groups
                 return
-            with pa.memory_map(path) as source:
+            with self._open() as source:
                 try:
                     reader = ipc.open_file(source)
                     self.format, self.schema, self.n_units = "file", reader.schema, reader.num_record_batches
-                except pa.ArrowInvalid:  # not the file format: try the stream format (no footer, so count)
+                except pa.ArrowInvalid:  # not the file format: the stream format (no footer, so find the batches)
                     source.seek(0)
-                    reader = ipc.open_stream(source)
-                    self.format, self.schema = "stream", reader.schema
-                    self.n_units = sum(1 for _ in reader)
+                    self.format = "stream"
+                    self.schema, self.offsets = _stream_batches(source)
+                    self.n_units = len(self.offsets)
         except (pa.ArrowInvalid, OSError) as e:
             raise ValueError(f"{path}: not a readable Arrow IPC or Parquet file ({e})") from None
 
+    def _open(self) -> pa.NativeFile:
+        """The file, mapped locally (for one unit only, so RSS stays flat), else read by ranged requests."""
+        return open_input(self.path) if is_remote(self.path) else pa.memory_map(self.path)
+
     def read_unit(self, index: int) -> pa.RecordBatch | pa.Table:
-        if self.format == "parquet":
-            return pq.ParquetFile(self.path).read_row_group(index)
-        with pa.memory_map(self.path) as source:  # mapped for this unit only, so RSS stays flat
+        with self._open() as source:
+            if self.format == "parquet":
+                return pq.ParquetFile(source).read_row_group(index)
             if self.format == "file":
                 return ipc.open_file(source).get_batch(index)
-            for i, batch in enumerate(ipc.open_stream(source)):
-                if i == index:
-                    return batch
-        raise IndexError(index)
+            if self.offsets[index] is None:  # a stream with dictionaries: batches decode only in order
+                return next(batch for i, batch in enumerate(ipc.open_stream(source)) if i == index)
+            source.seek(self.offsets[index])
+            return ipc.read_record_batch(ipc.read_message(source), self.schema)
+
+
+def _stream_batches(source: pa.NativeFile) -> tuple[pa.Schema, list[int | None]]:
+    """The schema of an IPC stream and where each record batch starts, so that one is read without the
+    others (None for each when the stream holds dictionary batches)."""
+    messages = ipc.MessageReader.open_stream(source)
+    schema, offsets, dictionaries = ipc.read_schema(messages.read_next_message()), [], False
+    while True:
+        start = source.tell()
+        try:
+            message = messages.read_next_message()
+        except StopIteration:
+            return schema, [None] * len(offsets) if dictionaries else offsets
+        dictionaries |= message.type != "record batch"
+        offsets += [start] if message.type == "record batch" else []
+
+
+def _join(folder: str, name: str) -> str:
+    return folder.rstrip("/") + "/" + name
+
+
+def corpus_files(paths: str | list[str], split: str | None) -> list[str]:
+    """The Arrow/Parquet files of ``paths``, where a Hugging Face ``save_to_disk`` folder gives its own.
+
+    A ``Dataset`` folder (``state.json``) gives its Arrow files in the dataset's order; a ``DatasetDict``
+    folder (``dataset_dict.json``) gives those of ``split``, which it requires. Other paths: files,
+    globs and directories (files ending .arrow, .ipc, .feather, .arrows, .parquet).
+    """
+    files, saw_dict = [], False
+    for path in [paths] if isinstance(paths, str) else list(paths):
+        path = str(path)
+        if not is_dir(path):
+            files += expand_paths(path, ARROW_SUFFIXES + (".parquet",))
+            continue
+        if version(_join(path, "dataset_dict.json"))[0] is not None:
+            saw_dict = True
+            splits = json.loads(load_text(_join(path, "dataset_dict.json")))["splits"]
+            if split not in splits:
+                found = ", ".join(splits)
+                hint = "set `split`" if split is None else f"no split `{split}`"
+                raise ValueError(
+                    f"{path}: a Hugging Face DatasetDict folder with splits {found}; {hint} to read one of them"
+                )
+            path = _join(path, split)
+        if version(_join(path, "state.json"))[0] is not None:
+            state = json.loads(load_text(_join(path, "state.json")))
+            files += [_join(path, f["filename"]) for f in state["_data_files"]]
+        else:
+            files += expand_paths(path, ARROW_SUFFIXES + (".parquet",))
+    if split is not None and not saw_dict:
+        raise ValueError(f"`split` is {split!r} but no path is a Hugging Face DatasetDict folder (dataset_dict.json)")
+    return files
 
 
 @register("read_arrow")
@@ -69,7 +126,10 @@ class ReadArrow(ShardedSource, Stage[dict]):
     file's other columns by name (a column named like one of those four is shadowed by it).
 
     Args:
-        paths: files, globs or directories (directories: files ending .arrow, .ipc, .feather, .arrows, .parquet).
+        paths: files, globs or directories (directories: files ending .arrow, .ipc, .feather, .arrows, .parquet),
+            local or URIs (``s3://``, ``gs://``, ``file://``: ``pipeline.storage``). A Hugging Face
+            ``save_to_disk`` folder is read in the dataset's own file order.
+        split: the split to read from a Hugging Face ``DatasetDict`` folder (required there, refused elsewhere).
         column: the text column (string or large_string).
         columns: other columns to carry with each document (default: all of them).
         on_null: a null text: ``error`` (naming file, shard and row) or ``skip`` (counted in ``stats``).
@@ -85,6 +145,7 @@ class ReadArrow(ShardedSource, Stage[dict]):
         column: str = "text",
         columns: list[str] | None = None,
         on_null: str = "error",
+        split: str | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         shuffle: bool = False,
@@ -92,7 +153,7 @@ class ReadArrow(ShardedSource, Stage[dict]):
     ):
         super().__init__()
         one_of("on_null", on_null, NULL_POLICIES)
-        self.files = [_ArrowFile(path) for path in expand_paths(paths, ARROW_SUFFIXES + (".parquet",))]
+        self.files = [_ArrowFile(path) for path in corpus_files(paths, split)]
         for f in self.files:
             if column not in f.schema.names:
                 raise ValueError(f"{f.path}: no column `{column}` (columns: {', '.join(f.schema.names)}); set `column`")

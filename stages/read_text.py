@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import codecs
-import glob
-import os
 import re
 import threading
 
+from pipeline import storage
 from pipeline.registry import register
 from pipeline.schema import Positive, one_of
 from pipeline.shard import ShardedSource
 from pipeline.stage import Stage
+from pipeline.storage import expand_paths, open_input
 
 DECODE_POLICIES = ("strict", "replace", "skip")
 _SPACE = re.compile(rb"[ \n]")
@@ -84,27 +84,6 @@ def safe_cut(buf: bytes, start: int = 1) -> int:
         end = p
 
 
-def expand_paths(paths: str | list[str], suffixes: tuple[str, ...] = ()) -> list[str]:
-    """Files named by ``paths`` (files, globs, directories), in order; raises if one matches nothing.
-
-    In a directory, only files ending with one of ``suffixes`` are taken (all files when empty).
-    """
-    files: list[str] = []
-    for pattern in [paths] if isinstance(paths, (str, os.PathLike)) else list(paths):
-        pattern = os.fspath(pattern)
-        if os.path.isdir(pattern):
-            found = glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
-            matches = sorted(p for p in found if os.path.isfile(p) and (not suffixes or p.endswith(suffixes)))
-        elif glob.has_magic(pattern):
-            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-        else:
-            matches = [pattern] if os.path.isfile(pattern) else []
-        if not matches:
-            raise FileNotFoundError(f"no file matches {pattern!r} (working directory {os.getcwd()})")
-        files.extend(matches)
-    return files
-
-
 @register("read_text")
 class ReadText(ShardedSource, Stage[dict]):
     """Reads text files, each file one document, streamed in pieces of about ``chunk_bytes``.
@@ -115,7 +94,8 @@ class ReadText(ShardedSource, Stage[dict]):
     Each item is a dict: ``text``, ``source`` (the file), ``offset`` and ``end`` (its bytes in the file).
 
     Args:
-        paths: files, globs or directories, read in the order given (globs sorted).
+        paths: files, globs or directories, read in the order given (globs sorted), local or URIs
+            (``s3://``, ``gs://``, ``file://``; see ``pipeline.storage``).
         chunk_bytes: bytes read at a time; a piece grows past it only where no cut point exists.
         errors: invalid UTF-8: ``strict`` raises naming the file and byte, ``replace`` puts U+FFFD,
             ``skip`` drops the bytes; both of the latter are counted in ``stats``.
@@ -146,7 +126,7 @@ class ReadText(ShardedSource, Stage[dict]):
         self.stats.labels["invalid_utf8"] = f"invalid UTF-8 sequences ({errors})"
         self.init_shards(rank, world_size, shuffle, seed)
         self.units = []  # [file index, nominal start, nominal end]
-        self.sizes = [os.path.getsize(path) for path in self.files]
+        self.sizes = [storage.size(path) for path in self.files]
         for i, size in enumerate(self.sizes):
             self.units += [[i, start, min(start + shard_bytes, size)] for start in range(0, max(size, 1), shard_bytes)]
         self._handle = None
@@ -181,7 +161,7 @@ class ReadText(ShardedSource, Stage[dict]):
 
     def _snap(self, offset: int) -> int:
         """The first safe cut at or after ``offset`` (0 and the file's end stay), so neighbouring units meet."""
-        key = (self._handle.name, offset)
+        key = (self._path, offset)
         scanned = getattr(self, "_scanned", None)  # (file, from, cut): every offset in between snaps to cut
         if scanned is not None and scanned[0] == key[0] and scanned[1] <= offset <= scanned[2]:
             return scanned[2]
@@ -222,10 +202,10 @@ class ReadText(ShardedSource, Stage[dict]):
 
     def _open(self, path: str) -> None:
         try:
-            self._handle = open(path, "rb")
-            self._size = os.fstat(self._handle.fileno()).st_size
+            self._handle = open_input(path)
+            self._size, self._path = self._handle.size(), path
         except OSError as e:
-            raise self.error(f"cannot open: {e.strerror}", path) from None
+            raise self.error(f"cannot open: {e.strerror or e}", path) from None
         expected = self.sizes[self.files.index(path)]
         if self._size != expected:  # its shard units were cut for the old size: bytes would be lost or read twice
             self.close_unit()

@@ -112,3 +112,22 @@ def test_failure_in_a_worker_reaches_the_caller_with_its_context(tmp_path):
     with pytest.raises(Exception, match=r"part-9\.arrow, shard 0, row 1: null in text column") as info:
         list(Pipeline.from_config(config, output="read", num_workers=2))
     assert "StageError" in str(info.value) or isinstance(info.value, StageError)
+
+
+@pytest.mark.parametrize("dictionary", [False, True])
+def test_stream_format_batches_read_one_by_one_equal_pyarrows_read(tmp_path, dictionary):
+    batches = [
+        pa.record_batch({"text": [f"b{b} r{r}" for r in range(b + 2)], "lang": ["en", "fr"] * (b // 2 + 1)})
+        for b in range(0, 12, 2)
+    ]
+    if dictionary:
+        batches = [pa.record_batch([b["text"], b["lang"].dictionary_encode()], names=["text", "lang"]) for b in batches]
+    path = tmp_path / "s.arrows"
+    with ipc.new_stream(path, batches[0].schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    expected = pa.Table.from_batches(ipc.open_stream(str(path)).read_all().to_batches()).to_pylist()
+    node = ReadArrow(str(path), shuffle=True, seed=3)  # units out of order: each batch found on its own
+    docs = sorted(list(node), key=lambda d: (d["shard"], d["record"]))
+    assert [{"text": d["text"], "lang": d["lang"]} for d in docs] == expected
+    assert len(node.units) == 6

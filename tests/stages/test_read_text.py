@@ -9,9 +9,10 @@ from hypothesis import strategies as st
 from torchdata.nodes import Loader
 
 from pipeline import StageError
+from pipeline.storage import expand_paths
 from stages.bpe_encode import BpeEncode
 from stages.encoding import load_encoding
-from stages.read_text import ReadText, decode, expand_paths, safe_cut
+from stages.read_text import ReadText, decode, safe_cut
 
 ENC = load_encoding("gpt2")
 EOT = 50256

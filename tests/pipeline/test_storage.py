@@ -1,0 +1,272 @@
+"""Readers on object storage: a real S3-compatible server (moto in server mode) started on the loopback address.
+
+The readers reach it the way they reach AWS: through ``pyarrow.fs`` with the endpoint and keys from the
+standard environment variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...), never from the config.
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+import random
+import threading
+import warnings
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import zstandard
+
+from pipeline import Pipeline
+from pipeline.stage import StageError
+from stages import BpeEncode, ReadArrow, ReadJsonl, ReadText
+from tests.corpora import write_arrow_corpus
+from tests.resume import check_resume
+
+moto_server = pytest.importorskip("moto.server", reason="moto[server] (dev extra) runs the S3-compatible server")
+boto3 = pytest.importorskip("boto3")
+
+_buckets = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            env.delenv(name, raising=False)
+        env.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        env.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint):
+    """A fresh bucket: ``(name, put)`` where ``put(key, bytes)`` uploads an object."""
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    name = f"corpus-{next(_buckets)}"
+    client.create_bucket(Bucket=name)
+    return name, lambda key, body: client.put_object(Bucket=name, Key=key, Body=body)
+
+
+def _jsonl_zst(records: list[dict]) -> bytes:
+    return zstandard.ZstdCompressor().compress("".join(json.dumps(r) + "\n" for r in records).encode())
+
+
+def _upload_corpus(tmp_path, put) -> tuple[list[str], list[str]]:
+    """Parquet files under ``parquet/`` and JSONL.zst files under ``jsonl/``; returns the ids of each."""
+    parquet_ids = write_arrow_corpus(tmp_path / "pq", fmt="parquet")
+    for path in sorted((tmp_path / "pq").iterdir()):
+        put(f"parquet/{path.name}", path.read_bytes())
+    jsonl_ids = []
+    for f in range(5):
+        records = [{"id": f"j-{f}-{i}", "text": f"document {i} of file {f}"} for i in range(3 + 4 * f)]
+        jsonl_ids += [r["id"] for r in records]
+        put(f"jsonl/part-{f}.jsonl.zst", _jsonl_zst(records))
+    return parquet_ids, jsonl_ids
+
+
+def test_parquet_and_jsonl_zst_read_from_s3_equal_the_local_read(tmp_path, bucket):
+    name, put = bucket
+    _upload_corpus(tmp_path, put)
+    remote = list(ReadArrow(f"s3://{name}/parquet/*.parquet"))
+    local = list(ReadArrow(str(tmp_path / "pq")))
+    assert [{**d, "source": d["source"].rsplit("/", 1)[1]} for d in remote] == [
+        {**d, "source": d["source"].rsplit("/", 1)[1]} for d in local
+    ]
+    docs = list(ReadJsonl(f"s3://{name}/jsonl/"))  # a prefix, like a directory
+    assert [d["id"] for d in docs] == [f"j-{f}-{i}" for f in range(5) for i in range(3 + 4 * f)]
+    assert docs[0]["source"] == f"s3://{name}/jsonl/part-0.jsonl.zst"
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl"])
+def test_world_size_2_by_2_workers_read_every_document_exactly_once(tmp_path, bucket, kind):
+    name, put = bucket
+    parquet_ids, jsonl_ids = _upload_corpus(tmp_path, put)
+    reader = {"type": "read_arrow", "paths": [f"s3://{name}/parquet/*.parquet"]}
+    if kind == "jsonl":
+        reader = {"type": "read_jsonl", "paths": [f"s3://{name}/jsonl/*.jsonl.zst"]}
+    seen = Counter()
+    for rank in range(2):
+        pipe = Pipeline.from_config({"stages": {"read": reader}}, rank=rank, world_size=2, num_workers=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fewer units than workers in one of them: idle workers warn
+            seen.update(doc["id"] for doc in pipe)
+    assert sorted(seen) == sorted(parquet_ids if kind == "parquet" else jsonl_ids)
+    assert max(seen.values()) == 1
+
+
+def test_plain_jsonl_byte_ranges_and_text_read_by_ranged_requests(tmp_path, bucket):
+    name, put = bucket
+    lines = [json.dumps({"id": i, "text": f"line {i} " + "x" * (i % 13)}) for i in range(400)]
+    put("plain/a.jsonl", ("\n".join(lines) + "\n").encode())
+    node = ReadJsonl(f"s3://{name}/plain/a.jsonl", shard_bytes=1000)
+    assert len(node.units) > 10
+    assert [d["id"] for d in node] == list(range(400))
+    text = "Every word here is read by ranged requests. " * 500
+    put("plain/t.txt", text.encode())
+    pieces = list(ReadText(f"s3://{name}/plain/t.txt", chunk_bytes=1000, shard_bytes=4000))
+    assert "".join(p["text"] for p in pieces) == text and len(pieces) > 10
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl"])
+def test_resume_from_s3_is_exact(tmp_path, bucket, kind):
+    name, put = bucket
+    _upload_corpus(tmp_path, put)
+    if kind == "parquet":
+        check_resume(lambda: ReadArrow(f"s3://{name}/parquet/*.parquet", shuffle=True), stop_after=[0, 7, 40])
+    else:
+        check_resume(lambda: BpeEncode(ReadJsonl(f"s3://{name}/jsonl/*.zst", shuffle=True)), stop_after=[0, 1, 20, 44])
+
+
+def test_a_saved_state_is_refused_after_an_object_changed(tmp_path, bucket):
+    name, put = bucket
+    _upload_corpus(tmp_path, put)
+    config = {"stages": {"read": {"type": "read_jsonl", "paths": [f"s3://{name}/jsonl/*.zst"]}}}
+    pipe = Pipeline.from_config(config, rank=0, world_size=1, num_workers=0)
+    it = iter(pipe)
+    next(it)
+    state = json.loads(json.dumps(pipe.state_dict()))
+    put("jsonl/part-1.jsonl.zst", _jsonl_zst([{"id": "new", "text": "same key, new object"}]))
+    again = Pipeline.from_config(config, rank=0, world_size=1, num_workers=0)
+    with pytest.raises(ValueError, match="`corpus` was"):
+        again.load_state_dict(state)
+
+
+def test_missing_object_and_wrong_bucket_are_clear_errors(tmp_path, bucket):
+    name, put = bucket
+    put("jsonl/a.jsonl", b'{"text": "a"}\n')
+    with pytest.raises(FileNotFoundError, match=rf"s3://{name}/jsonl/missing\.jsonl: no such object"):
+        ReadJsonl(f"s3://{name}/jsonl/missing.jsonl")
+    with pytest.raises(FileNotFoundError, match=rf"s3://{name}/parquet/\*\.parquet: no object matches"):
+        ReadArrow(f"s3://{name}/parquet/*.parquet")
+    with pytest.raises(
+        FileNotFoundError, match=r"s3://no-such-bucket-here/x\.jsonl: no bucket s3://no-such-bucket-here"
+    ):
+        ReadJsonl("s3://no-such-bucket-here/x.jsonl")
+    node = ReadJsonl(f"s3://{name}/jsonl/a.jsonl")
+    boto3.client("s3").delete_object(Bucket=name, Key="jsonl/a.jsonl")  # gone after the pipeline was built
+    with pytest.raises(
+        StageError, match=rf"stage 'read_jsonl', file s3://{name}/jsonl/a\.jsonl: cannot open: .*no such object"
+    ):
+        list(node)
+
+
+def _flaky_proxy(target: str, failures: int) -> tuple[ThreadingHTTPServer, Counter]:
+    """An HTTP proxy to ``target`` that answers 503 SlowDown to the first ``failures`` GETs of each object."""
+    host, port = target.removeprefix("http://").split(":")
+    refused: Counter = Counter()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def _forward(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            key = self.path.split("?")[0]
+            if self.command == "GET" and "." in key and refused[key] < failures:  # an object's bytes, not a listing
+                refused[key] += 1
+                error = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                self.send_response(503)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(error)))
+                self.end_headers()
+                self.wfile.write(error)
+                return
+            upstream = http.client.HTTPConnection(host, int(port))
+            upstream.request(self.command, self.path, body=body, headers=dict(self.headers))
+            response = upstream.getresponse()
+            data = response.read()
+            self.send_response(response.status)
+            for name, value in response.getheaders():
+                if name.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                    self.send_header(name, value)
+            self.send_header(
+                "Content-Length", response.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
+            )
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+        do_GET = do_HEAD = do_PUT = do_POST = _forward
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, refused
+
+
+def _upload_kilobyte_objects(put) -> list[dict]:
+    """Three .jsonl.zst objects of ~2 KB: larger than an error body. (The AWS SDK writes a 503's body into
+    the read's buffer, so a read of fewer bytes than that, an object of a few dozen bytes, fails instead
+    of being retried.)"""
+    records = [
+        {"id": f"{f}-{i}", "text": f"{i} " + random.Random(i).randbytes(40).hex()} for f in range(3) for i in range(30)
+    ]
+    for f in range(3):
+        put(f"jsonl/part-{f}.jsonl.zst", _jsonl_zst(records[30 * f : 30 * f + 30]))
+    return records
+
+
+@pytest.mark.parametrize("failures", [1, 3])
+def test_transient_errors_are_retried(tmp_path, bucket, s3_endpoint, monkeypatch, failures):
+    name, put = bucket
+    parquet_ids = write_arrow_corpus(tmp_path / "pq", fmt="parquet")
+    for path in sorted((tmp_path / "pq").iterdir()):
+        put(f"parquet/{path.name}", path.read_bytes())
+    records = _upload_kilobyte_objects(put)
+    server, refused = _flaky_proxy(s3_endpoint, failures)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        assert [d["id"] for d in ReadArrow(f"s3://{name}/parquet/*.parquet")] == parquet_ids
+        assert [d["id"] for d in ReadJsonl(f"s3://{name}/jsonl/*.zst")] == [r["id"] for r in records]
+    finally:
+        server.shutdown()
+    assert len(refused) == 4 + 3 and set(refused.values()) == {failures}  # every object refused, then read
+
+
+def test_an_object_that_keeps_failing_is_a_clear_error(tmp_path, bucket, s3_endpoint, monkeypatch):
+    name, put = bucket
+    records = _upload_kilobyte_objects(put)
+    put("plain/a.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+    server, refused = _flaky_proxy(s3_endpoint, failures=10**6)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        node = ReadJsonl(f"s3://{name}/plain/a.jsonl")  # built from a listing: no object read yet
+        with pytest.raises(
+            StageError,
+            match=rf"stage 'read_jsonl', file s3://{name}/plain/a\.jsonl: cannot read .*(SlowDown|SLOW_DOWN)",
+        ):
+            list(node)
+        with pytest.raises(
+            ValueError, match=rf"s3://{name}/jsonl/part-0\.jsonl\.zst: cannot read .*(SlowDown|SLOW_DOWN)"
+        ):
+            ReadJsonl(f"s3://{name}/jsonl/*.zst")  # its seek table is looked for when the pipeline is built
+    finally:
+        server.shutdown()
+    assert min(refused.values()) > 1  # retried before giving up
+
+
+def test_hugging_face_dataset_dict_folder_on_s3(tmp_path, bucket):
+    datasets = pytest.importorskip("datasets")
+    name, put = bucket
+    splits = {"train": [f"train {i}" for i in range(40)], "validation": [f"val {i}" for i in range(6)]}
+    folder = tmp_path / "dd"
+    datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in splits.items()}).save_to_disk(
+        str(folder), num_shards={"train": 3, "validation": 1}
+    )
+    for path in folder.rglob("*"):
+        if path.is_file():
+            put(f"dd/{path.relative_to(folder)}", path.read_bytes())
+    with pytest.raises(ValueError, match="splits train, validation; set `split`"):
+        ReadArrow(f"s3://{name}/dd")
+    assert [d["text"] for d in ReadArrow(f"s3://{name}/dd", split="train")] == splits["train"]
+    assert [d["text"] for d in ReadArrow(f"s3://{name}/dd/", split="validation")] == splits["validation"]
