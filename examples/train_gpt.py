@@ -12,9 +12,10 @@ The corpus (the files in order, as one text) is split as in the book's chapter 5
 bytes trains, the rest validates (cut at a point where BPE cannot tell). The two parts are held in
 memory as shard units of ``--piece-bytes`` (``TextPieces``), so ranks can share them out; a
 ``split`` stage will replace this. Every ``--eval-every`` steps it prints
-``step=<n> train_loss=<mean since the last line> val_loss=<y>``. A checkpoint holds the model, the
-tables, the optimizer and the pipeline's ``state_dict()``: a resumed run sees exactly the batches
-an uninterrupted one would have.
+``step=<n> train_loss=<mean since the last line> val_loss=<y>``, and beside it the time the loop
+waited for data (``pipe.metrics()``): ``step=<n> data_wait_ms=<per step> data_wait_share=<of the
+time>``, both since the previous line. A checkpoint holds the model, the tables, the optimizer and
+the pipeline's ``state_dict()``: a resumed run sees exactly the batches an uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -401,6 +402,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"step={step} train_loss={torch.stack(losses).mean().item():.6f} val_loss={val_loss:.6f}", flush=True)
             if args.pack:
                 print(packing_line(pipe.stages["pack"].stats), flush=True)
+            waited = pipe.metrics()  # since the previous line: is the model waiting for data?
+            print(f"step={step} data_wait_ms={1000 * waited['data_wait_s'] / len(losses):.2f} "
+                  f"data_wait_share={waited['data_wait_share']:.3f}", flush=True)
             losses = []
             if args.checkpoint:
                 save(args.checkpoint, step, model, pipe, optimizer, args)

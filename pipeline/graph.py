@@ -6,12 +6,14 @@ import copy
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from torchdata.nodes import BaseNode, Loader
 
 from pipeline.config import load_config
+from pipeline.metrics import DataClock, collect
 from pipeline.registry import ConfigError, did_you_mean, stage_class
 from pipeline.schema import FieldError, check_field, fields, item_kinds, takes
 from pipeline.shard import Reader
@@ -246,6 +248,7 @@ class Pipeline:
         if (rank is not None or world_size is not None) and isinstance(self.root, Stage):
             self.root.set_context(RunContext(rank=rank, world_size=world_size))  # else each reader's own place
         self.loader = Loader(self.root)
+        self.clock = DataClock()  # the consumer's wait in next(), read by metrics()
 
     @classmethod
     def from_config(
@@ -329,6 +332,13 @@ class Pipeline:
         """Counters of every stage on the output's path, upstream first."""
         return {node.name: dict(node.stats) for node in reversed(upstream_nodes(self.root)) if isinstance(node, Stage)}
 
+    def metrics(self) -> dict[str, float]:
+        """A flat dict of numbers: per stage ``<stage>/items``, ``/tokens``, ``/busy_s``, ``/wait_s`` (this
+        pass), and what stages add (a mix's draws per input, the workers' queues); ``data_wait_s`` and
+        ``data_wait_share``: the consumer's time blocked in ``next()``, and its share of the wall time,
+        since the previous call. See ``pipeline.metrics``."""
+        return collect(self.root, self.clock)
+
     def __repr__(self) -> str:
         lines = [f"Pipeline(output={self.output!r}, num_workers={self.num_workers})"]
         for node in reversed(upstream_nodes(self.root)):
@@ -345,13 +355,20 @@ class _Iteration:
 
     def __init__(self, pipeline: Pipeline):
         self.pipeline = pipeline
-        self._iterator = iter(pipeline.loader)
+        self._clock = pipeline.clock  # kept across passes: metrics() covers the time since its previous call
+        start = time.perf_counter()
+        self._iterator = iter(pipeline.loader)  # may reset the stages and start workers: the consumer waits
+        self._clock.waited += time.perf_counter() - start
 
     def __iter__(self) -> _Iteration:
         return self
 
     def __next__(self) -> Any:
-        return next(self._iterator)
+        start = time.perf_counter()
+        try:
+            return next(self._iterator)
+        finally:
+            self._clock.waited += time.perf_counter() - start
 
 
 def _check_consumed_once(root: BaseNode) -> None:

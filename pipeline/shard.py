@@ -37,11 +37,14 @@ def worker_slot(rank: int, world_size: int, context: RunContext) -> tuple[int, i
     return rank * context.num_workers + context.worker, world_size * context.num_workers
 
 
+def unit_order(n_units: int, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
+    """All unit indices in this epoch's order (seeded by ``(seed, epoch)`` when shuffled)."""
+    return np.random.default_rng([seed, epoch]).permutation(n_units) if shuffle else np.arange(n_units)
+
+
 def assign_units(n_units: int, g: int, G: int, shuffle: bool, seed: int, epoch: int, name: str) -> list[int]:
     """The unit indices global worker ``g`` of ``G`` reads this epoch, in order."""
-    order = np.arange(n_units)
-    if shuffle:
-        order = np.random.default_rng([seed, epoch]).permutation(n_units)
+    order = unit_order(n_units, shuffle, seed, epoch)
     if n_units < G and g == 0:
         warnings.warn(
             f"stage '{name}': {n_units} shard unit(s) for {G} workers over all ranks; {G - n_units} will be idle"
@@ -92,8 +95,24 @@ class ShardedSource(Reader):
     A subclass sets ``self.units`` (JSON-able descriptions) in ``__init__`` and implements
     ``read(unit, position) -> (item, next_position) | None`` (None: the unit is done) and
     ``close_unit()``. The state is ``{epoch, index, position}``: which of this worker's units it is
-    in, and where inside it; never data.
+    in, and where inside it; never data. A reader that knows its units' sizes says so in ``unit_bytes``
+    and counts ``stats["bytes"]`` as it reads them (for progress bars).
     """
+
+    def unit_bytes(self, unit) -> int | None:
+        """Bytes of a shard unit, or None when the reader cannot say."""
+        return None
+
+    def assigned_bytes(self, num_workers: int = 1) -> int | None:
+        """Bytes of the units this rank's ``num_workers`` workers read this epoch (None when unknown)."""
+        sizes = [self.unit_bytes(unit) for unit in self.units]
+        if None in sizes:
+            return None
+        rank, world_size = self.place()
+        order = unit_order(len(self.units), self.shuffle, self.seed, max(self._epoch, 0))
+        G = world_size * num_workers
+        slots = range(rank * num_workers, (rank + 1) * num_workers)
+        return sum(sizes[u] for g in slots for u in order[g::G])
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)

@@ -71,7 +71,9 @@ class Stage(BaseNode[T]):
 
     What the engine knows of a stage is written here, as class attributes and hooks with defaults:
     the item kinds taken and given, whether it is worth running in workers, its parameters, a module
-    to train, its branches, its check against the stages upstream of it, and the run context.
+    to train, its branches, its check against the stages upstream of it, and the run context. For
+    ``Pipeline.metrics`` a stage may declare ``tokens_in`` (tokens in an item it gives), ``wait_seconds``
+    (when its inputs do not run inside its ``next``) and ``metrics`` (numbers of its own).
     """
 
     type_name = "stage"
@@ -87,6 +89,7 @@ class Stage(BaseNode[T]):
         super().__init__()
         self.name = self.type_name
         self.stats = Counters()
+        self._counts_tokens = type(self).tokens_in is not Stage.tokens_in  # decided once, not per item
 
     @classmethod
     def branch_names(cls, spec: Mapping[str, Any]) -> list[str]:
@@ -118,7 +121,22 @@ class Stage(BaseNode[T]):
         finally:
             self.stats["seconds"] += time.perf_counter() - start  # with the time of its inputs
         self.stats["items"] += 1
+        if self._counts_tokens:
+            self.stats["tokens"] += self.tokens_in(item)
         return item
+
+    def tokens_in(self, item: T) -> int:
+        """Tokens in ``item``, an item this stage gives, added to ``stats["tokens"]`` (declared by the stages
+        whose items hold tokens and that do not count them as they make them)."""
+        return 0
+
+    def wait_seconds(self) -> float:
+        """Seconds this stage waited on its inputs: the time they spent inside its ``next`` calls."""
+        return sum((node.stats["seconds"] for node in inputs_of(self) if isinstance(node, Stage)), 0.0)
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers of this stage's own for ``Pipeline.metrics``, under keys ``<stage>/<key>``."""
+        return {}
 
     def error(self, message: str, source: str | None = None, record: Any = None) -> StageError:
         """A ``StageError`` whose message starts with this stage, the file and the record."""

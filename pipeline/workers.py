@@ -6,6 +6,7 @@ import ctypes
 import gc
 import signal
 import sys
+import time
 import warnings
 from collections import Counter
 from dataclasses import replace
@@ -62,13 +63,14 @@ class _NodeDataset(IterableDataset):
         self._pending, self._started = None, True
         chain = upstream_nodes(self.root)
         sent = [Counter() for _ in chain]
+        worker = context.worker
         while True:
             try:
                 item = next(self.root)
             except StopIteration:
-                yield _END, _stats_delta(chain, sent)  # counters set at the end (tails, drops)
+                yield _END, _stats_delta(chain, sent), worker  # counters set at the end (tails, drops)
                 return
-            yield item, _stats_delta(chain, sent)
+            yield item, _stats_delta(chain, sent), worker
 
     def state_dict(self) -> dict | None:
         return self.root.state_dict() if self._started else self._pending
@@ -98,6 +100,7 @@ class Workers(Stage):
         check_field("num_workers", Positive, num_workers)
         self.source = source
         self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
         self._epoch = -1
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*set_vital.*")  # torchdata 0.11 calls a deprecated torch API
@@ -124,7 +127,7 @@ class Workers(Stage):
             self._epoch = initial_state["epoch"]
             self._loader.load_state_dict(initial_state["loader"])
         self._dataset.context = replace(self.context, epoch=self._epoch)
-        self._closed = False
+        self._closed, self._waited, self._made = False, 0.0, {}
         # Forked workers inherit the parent's uncollected garbage; an old loader iterator collected
         # there would try to shut down workers that are not its children. Collect it here first.
         gc.collect()
@@ -151,15 +154,49 @@ class Workers(Stage):
             raise RuntimeError(f"stage '{self.name}': the pipeline was closed; iterate it again to start a new pass")
         chain = upstream_nodes(self.source)
         while True:
+            start = time.perf_counter()
             try:
-                item, delta = next(self._iterator)
+                item, delta, worker = next(self._iterator)
             except StopIteration:
                 raise
             except Exception:
                 self.close()  # a worker failed: stop the others now, not when a traceback lets go of them
                 raise
+            finally:
+                self._waited += time.perf_counter() - start
             for node, gained in zip(chain, delta):  # the workers' counters, summed on the main copies
                 if isinstance(node, Stage):
                     node.stats.update(gained)
+            made = self._made.setdefault(worker, Counter())  # and per worker: items, and the time making them
+            made["busy_s"] += delta[0].get("seconds", 0.0)
             if not (isinstance(item, str) and item == _END):
+                made["items"] += 1
                 return item
+
+    def wait_seconds(self) -> float:
+        """Seconds blocked on the workers' results (the stages upstream run in other processes)."""
+        return getattr(self, "_waited", 0.0)
+
+    def metrics(self) -> dict[str, float]:
+        """``queued``: items the workers have made that wait to be taken; ``queue_fill``: that over the
+        ``num_workers * prefetch_factor`` items they may prepare ahead (near 1: the workers are ahead);
+        ``<worker>/items`` and ``<worker>/busy_s``: what each worker process gave, and its time making it."""
+        queued = _queued(getattr(self, "_iterator", None))
+        out = {"queued": queued, "queue_fill": queued / (self.num_workers * self.prefetch_factor)}
+        for worker, made in sorted(getattr(self, "_made", {}).items()):
+            out.update({f"{worker}/items": int(made["items"]), f"{worker}/busy_s": made["busy_s"]})
+        return out
+
+
+def _queued(iterator: Any) -> int:
+    """Results received or in the result queue, not yet taken. torch's multiprocessing iterator has no
+    public view of its queues, so this reads its documented-in-code fields, and counts 0 without them."""
+    queue, tasks = getattr(iterator, "_data_queue", None), getattr(iterator, "_task_info", None)
+    if queue is None or tasks is None:
+        return 0
+    try:
+        waiting = queue.qsize()
+    except NotImplementedError:  # macOS multiprocessing queues
+        waiting = 0
+    # a task is (worker,) while sent, (worker, data) once it arrived ahead of its turn
+    return waiting + sum(len(info) == 2 for info in list(tasks.values()))

@@ -101,6 +101,9 @@ class Batch(Stage[dict]):
             targets=torch.from_numpy(np.ascontiguousarray(windows[:, 1:], dtype=np.int64)),
         )
 
+    def tokens_in(self, item: dict) -> int:
+        return item["inputs"].numel()
+
     def _load_group(self) -> None:
         self._group_start = self._cursor.state()
         n = min(self._cursor.fill(self.group_size), self.group_size)

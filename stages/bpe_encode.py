@@ -11,7 +11,7 @@ import numpy as np
 from pipeline.registry import register
 from pipeline.schema import FieldError, Positive
 from pipeline.stage import Stage
-from stages.separators import Separators
+from stages.separators import Separators, mix_tokens
 from stages.encoding import EOT_TEXT, load_encoding
 
 
@@ -153,6 +153,9 @@ class BpeEncode(Stage[dict]):
         for pieces in self._pool.map(encode_group, [g for g in groups if g]):
             out.extend(pieces)
         return out
+
+    def metrics(self) -> dict[str, float]:
+        return mix_tokens(self.stats)  # tokens per input of a mix upstream
 
     def decode(self, ids) -> str:
         """The text of token ids (for showing windows)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -93,10 +94,26 @@ class Mix(Stage[dict]):
                     item = next(self.sources[i])
                 except StopIteration:
                     continue  # an empty stream
-            name = getattr(self.sources[i], "name", str(i))
+            name = self._input_name(i)
             self.stats[f"from_{name}"] += 1
             return {**item, "mix": name} if isinstance(item, dict) else item
         raise StopIteration
+
+    def _input_name(self, i: int) -> str:
+        return getattr(self.sources[i], "name", str(i))
+
+    def metrics(self) -> dict[str, float]:
+        """Per input: ``documents`` drawn, their ``share`` against the target ``weight``, and ``z``, the
+        count's distance from ``n * weight`` in binomial standard deviations (within +-3 but about once in 370
+        times while every input has documents left; a stream that ran out under ``stop: all`` falls behind)."""
+        counts = [self.stats[f"from_{self._input_name(i)}"] for i in range(len(self.sources))]
+        n, out = sum(counts), {}
+        for i, (k, p) in enumerate(zip(counts, self.probabilities)):
+            sd = math.sqrt(n * p * (1 - p))
+            name = self._input_name(i)
+            out[f"{name}/documents"], out[f"{name}/weight"] = k, float(p)
+            out[f"{name}/share"], out[f"{name}/z"] = k / n if n else 0.0, (k - n * p) / sd if sd else 0.0
+        return out
 
     def _choice(self) -> int:
         block, index = divmod(self._draws, _DRAWS)

@@ -154,6 +154,9 @@ class ReadText(ShardedSource, Stage[dict]):
         self.stats["bytes"] += len(raw)
         return {"text": text, "source": path, "offset": position, "end": position + len(raw)}, position + len(raw)
 
+    def unit_bytes(self, unit: list[int]) -> int:
+        return unit[2] - unit[1]
+
     def close_unit(self) -> None:
         if getattr(self, "_handle", None) is not None:
             self._handle.close()

@@ -8,6 +8,15 @@ from typing import Any
 import numpy as np
 
 
+def mix_tokens(stats: Counter) -> dict[str, float]:
+    """An encoder's metrics: ``<input>/tokens`` and ``<input>/token_share`` for each input of a mix upstream."""
+    counts = {key[len("tokens_from_"):]: n for key, n in stats.items() if key.startswith("tokens_from_")}
+    total = sum(counts.values())
+    out = {f"{name}/tokens": n for name, n in counts.items()}
+    out.update({f"{name}/token_share": n / total for name, n in counts.items()})
+    return out
+
+
 class Separators:
     """Puts the end-of-text id before each item that starts a new document.
 
@@ -28,4 +37,6 @@ class Separators:
         self.previous = [doc.get("source"), doc.get("end", -1)]
         stats["documents"] += not continues
         stats["tokens"] += len(ids)
+        if "mix" in doc:  # drawn by a mix stage: tokens per input, for metrics
+            stats[f"tokens_from_{doc['mix']}"] += len(ids)
         return {"ids": ids, **{k: v for k, v in doc.items() if k != "text"}}

@@ -17,6 +17,11 @@ def _ids(item: Any) -> np.ndarray:
     return item["ids"] if isinstance(item, dict) else np.asarray(item)
 
 
+def input_tokens(block: np.ndarray) -> int:
+    """Input tokens in a block of windows ``[n, max_length + 1]`` (a window's last token is a target only)."""
+    return block.shape[0] * (block.shape[1] - 1)
+
+
 @register("sliding_window")
 class SlidingWindow(Stage[np.ndarray]):
     """Cuts the token stream into windows of ``max_length + 1`` tokens, ``stride`` apart.
@@ -68,3 +73,6 @@ class SlidingWindow(Stage[np.ndarray]):
         self._windowed = True
         self.stats["windows"] += n
         return sliding_window_view(tokens, span)[:: self.stride]
+
+    def tokens_in(self, item: np.ndarray) -> int:
+        return input_tokens(item)

@@ -13,7 +13,7 @@ import numpy as np
 from pipeline.registry import register
 from pipeline.schema import FieldError, check_field
 from pipeline.stage import RunContext, Stage
-from stages.separators import Separators
+from stages.separators import Separators, mix_tokens
 
 SPLIT = re.compile(r'([,.:;?_!"()\']|--|\s)')
 SPACE_BEFORE_PUNCTUATION = re.compile(r'\s+([,.?!"()\'])')
@@ -147,6 +147,9 @@ class WordEncode(Stage[dict]):
         finally:
             self.set_context(RunContext(epoch=0))  # the real pass is epoch 0 (shuffled orders depend on it)
         return words
+
+    def metrics(self) -> dict[str, float]:
+        return mix_tokens(self.stats)  # tokens per input of a mix upstream
 
     def decode(self, ids) -> str:
         """The text of token ids (for showing windows)."""

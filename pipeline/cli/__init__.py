@@ -1,15 +1,15 @@
-"""The command line: ``python -m pipeline run | inspect | bench | prepare | reference``, one module per verb."""
+"""The command line: ``python -m pipeline run | inspect | bench | prepare | plot | reference``, one module per verb."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from pipeline.cli import bench, inspect, prepare, reference, run
+from pipeline.cli import bench, inspect, plot, prepare, reference, run
 from pipeline.registry import ConfigError
 from pipeline.stage import StageError
 
-VERBS = (run, inspect, bench, prepare, reference)
+VERBS = (run, inspect, bench, prepare, plot, reference)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +22,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, StageError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, StageError, FileNotFoundError, ValueError, plot.PlotUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

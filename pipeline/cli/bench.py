@@ -9,6 +9,7 @@ from torchdata.nodes import IterableWrapper
 
 from pipeline.cli.common import add_pipeline_args, encoded_tokens, open_pipeline
 from pipeline.graph import Pipeline
+from pipeline.cli.plot import bench_chart, require_matplotlib
 from pipeline.schema import takes
 from pipeline.stage import Stage, inputs_of, upstream_nodes
 from pipeline.workers import Workers
@@ -18,6 +19,7 @@ def add_parser(commands) -> None:
     p = commands.add_parser("bench", help="each stage's throughput alone and in the whole; name the bottleneck")
     add_pipeline_args(p)
     p.add_argument("--max-batches", type=int, default=200, help="batches of the whole pipeline measured (default 200)")
+    p.add_argument("--plot", metavar="FILE.png", help="draw each stage's throughput against the whole's (matplotlib)")
     p.set_defaults(handler=bench_command)
 
 
@@ -40,6 +42,8 @@ def alone(node, items_by_node: dict[int, list]) -> float | None:
 
 
 def bench_command(args: argparse.Namespace) -> int:
+    if args.plot:
+        require_matplotlib()  # missing: say so now, not after the benchmark
     pipe = open_pipeline(args)
     start = time.perf_counter()
     batches = len(_take(pipe, args.max_batches))
@@ -69,6 +73,9 @@ def bench_command(args: argparse.Namespace) -> int:
         f"\nbottleneck: `{slowest.name}` ({slowest.type_name}): {seconds:.3f} s alone for this run's work, "
         f"{seconds / whole:.0%} of the whole run's {whole:.3f} s"
     )
+    if args.plot:
+        bench_chart([(n.name, tokens / s / 1e6) for n, s in rows if s], tokens / whole / 1e6, slowest.name, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 

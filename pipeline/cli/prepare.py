@@ -24,6 +24,8 @@ def add_parser(commands) -> None:
     p.add_argument(
         "--set", action="append", metavar="STAGE.FIELD=VALUE", help="override a field (value read as YAML); repeatable"
     )
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress and a line per shard written, on stderr (default: on)")
     p.set_defaults(handler=prepare_command)
 
 
@@ -35,6 +37,7 @@ def prepare_command(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         shard_tokens=args.shard_tokens,
         overrides=args.set,
+        progress=args.progress,
     )
     c = m["counts"]
     print(

@@ -11,6 +11,8 @@ import time
 from pipeline.checkpoint import load_json, save_json
 from pipeline.cli.common import add_pipeline_args, encoded_tokens, open_pipeline
 from pipeline.graph import Pipeline
+from pipeline.metrics import MetricsLog, parse_every
+from pipeline.progress import Progress, corpus_bytes
 from pipeline.stage import Stage, inputs_of, upstream_nodes
 from pipeline.workers import Workers
 
@@ -20,13 +22,24 @@ def add_parser(commands) -> None:
     add_pipeline_args(p)
     p.add_argument("--max-batches", type=int, default=None, help="stop after N batches")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="live progress line (default: when stderr is a terminal)")
+                   help="progress on stderr: a bar with rate and ETA on a terminal, else a line every 5 s (default)")
     p.add_argument("--checkpoint",
                    help="write the pipeline's state to this JSON file periodically and on exit, Ctrl-C or SIGTERM")
     p.add_argument("--checkpoint-every", type=int, default=100, help="batches between checkpoints (default 100)")
     p.add_argument("--resume", help="continue from a checkpoint written by --checkpoint")
     p.add_argument("--trace", help="append a line per batch (number and a hash of its inputs) to this file")
+    p.add_argument("--metrics", metavar="FILE", help="write pipe.metrics() as JSON lines to this file (and at the end)")
+    p.add_argument("--metrics-every", default="10s", type=_every, metavar="N|Ns",
+                   help="a metrics line every N batches (100) or seconds (10s, the default)")
     p.set_defaults(handler=run)
+
+
+def _every(text: str) -> str:
+    try:
+        parse_every(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
         batches = saved["batches"]
         print(f"resumed from {args.resume} after batch {batches:,}")
     trace = open(args.trace, "a", buffering=1) if args.trace else None  # line-buffered: one line per batch
-    progress = Progress(pipe, enabled=sys.stderr.isatty() if args.progress is None else args.progress)
+    metrics = MetricsLog(args.metrics, args.metrics_every, batches) if args.metrics else None
+    progress = Progress(*corpus_bytes(pipe.root, args.num_workers), enabled=args.progress is not False,
+                        counts=lambda: f"{batches:,} batches, {encoded_tokens(pipe):,} tokens encoded")
 
     def checkpoint() -> None:
         if args.checkpoint:
@@ -67,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
                 trace.write(f"{batches} {_digest(batch)}\n")
             if args.checkpoint and batches % args.checkpoint_every == 0:
                 checkpoint()
-            progress.update(batches)
+            progress.update()
+            if metrics is not None:
+                metrics.update(pipe, batches)
             if stop or (args.max_batches is not None and batches >= args.max_batches):
                 break
     except KeyboardInterrupt:
@@ -79,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
         progress.close()
         if trace is not None:
             trace.close()
+        if metrics is not None:
+            metrics.update(pipe, batches, final=True)
+            metrics.close()
     checkpoint()
     elapsed = time.perf_counter() - start
     print(summary(pipe, elapsed))
@@ -95,31 +115,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-class Progress:
-    """One live line on stderr: batches, documents, tokens and tokens/s."""
-
-    def __init__(self, pipe: Pipeline, enabled: bool):
-        self.pipe, self.enabled = pipe, enabled
-        self.start = self.last = time.perf_counter()
-
-    def update(self, batches: int) -> None:
-        now = time.perf_counter()
-        if not self.enabled or now - self.last < 0.25:
-            return
-        self.last = now
-        nodes = upstream_nodes(self.pipe.root)
-        encoders = [n for n in nodes if isinstance(n, Stage) and n.produces == "tokens"]
-        documents = int(encoders[0].stats["documents"]) if encoders else 0
-        tokens = encoded_tokens(self.pipe)
-        rate = tokens / (now - self.start) / 1e6
-        sys.stderr.write(
-            f"\r{batches:,} batches | {documents:,} documents | {tokens:,} tokens | {rate:.2f} M tokens/s "
-        )
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
 
 
 def summary(pipe: Pipeline, elapsed: float) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 
 from pipeline.config import apply_overrides, load_config
 from pipeline.graph import Pipeline, check_config
+from pipeline.progress import Progress, corpus_bytes
 from pipeline.registry import ConfigError, stage_class
 from pipeline.shard import Reader
 from pipeline.stage import upstream_nodes
@@ -127,6 +128,7 @@ def prepare(
     shard_tokens: int = SHARD_TOKENS,
     batch_tokens: int = BATCH_TOKENS,
     overrides: list[str] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Encode the corpus of ``config`` into token shards in ``out``; return the manifest written.
 
@@ -138,6 +140,8 @@ def prepare(
         shard_tokens: close a shard once it holds this many tokens.
         batch_tokens: tokens per Arrow record batch.
         overrides: ``stage.field=value`` settings, as ``--set``.
+        progress: show progress on stderr (a bar with rate and ETA on a terminal, a line every few
+            seconds otherwise; the local engine knows the bytes read) and a line per shard written.
     """
     if engine not in ("local", "ray"):
         raise PrepareError(f"engine must be `local` or `ray`, got {engine!r}")
@@ -172,12 +176,24 @@ def prepare(
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
     try:
-        writer = ShardWriter(tmp, dtype, encoding["n_vocab"], shard_tokens, batch_tokens)
+        total, read = corpus_bytes(pipe.root) if engine == "local" else (None, int)  # Ray's readers report elsewhere
+
+        def written() -> str:
+            return f"{writer.rows:,} rows, {writer.tokens:,} tokens written"
+
+        def report(shard: dict[str, Any]) -> None:
+            shown.note(f"wrote shard {shard['file']}: {shard['tokens']:,} tokens, {shard['rows']:,} rows, "
+                       f"{shard['bytes'] / 1e6:.1f} MB")
+
+        shown = Progress(total, read, written, enabled=progress)
+        writer = ShardWriter(tmp, dtype, encoding["n_vocab"], shard_tokens, batch_tokens, on_shard=report)
         counts: dict[str, int] = {}
         rows = (local_engine if engine == "local" else ray_engine).rows(pipe, encode, dtype, counts)
         for ids, source in rows:
             writer.add(ids, source)
+            shown.update()
         shards = writer.close()
+        shown.close()
         for source in sources:  # a file edited while we read it would give tokens of neither version
             st = os.stat(source["path"])
             if [st.st_size, st.st_mtime_ns] != [source["size"], source["mtime_ns"]]:

@@ -14,6 +14,7 @@ from pipeline.registry import register
 from pipeline.schema import FieldError, Positive
 from pipeline.shard import Reader
 from pipeline.stage import Stage
+from stages.sliding_window import input_tokens
 
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)  # splitmix64's finalizer
 
@@ -222,3 +223,6 @@ class ReadTokens(Reader, Stage[np.ndarray]):
         self._position += n
         self.stats["windows"] += n
         return block
+
+    def tokens_in(self, item: np.ndarray) -> int:
+        return input_tokens(item)

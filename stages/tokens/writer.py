@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -33,8 +34,9 @@ class ShardWriter:
     """
 
     def __init__(self, folder: str, dtype: np.dtype, n_vocab: int, shard_tokens: int = SHARD_TOKENS,
-                 batch_tokens: int = BATCH_TOKENS):
+                 batch_tokens: int = BATCH_TOKENS, on_shard: Callable[[dict[str, Any]], None] | None = None):
         self.folder, self.dtype, self.n_vocab = folder, np.dtype(dtype), n_vocab
+        self.on_shard = on_shard  # told each shard once it is complete on disk
         self.shard_tokens, self.batch_tokens = shard_tokens, batch_tokens
         self.schema = pa.schema([("ids", pa.list_(pa.from_numpy_dtype(self.dtype))), ("source", pa.string())])
         self.shards: list[dict[str, Any]] = []
@@ -82,6 +84,8 @@ class ShardWriter:
         path = os.path.join(self.folder, shard["file"])
         _fsync(path)
         shard.update(bytes=os.path.getsize(path), sha256=file_sha256(path))
+        if self.on_shard is not None:
+            self.on_shard(shard)
 
 
 def _fsync(path: str) -> None:
