@@ -81,8 +81,9 @@ def test_without_matplotlib_the_pictures_say_how_to_get_it(tmp_path, in_root, ca
 
 
 def test_the_core_never_imports_matplotlib():
-    code = ("import sys; import pipeline.cli, pipeline.cli.bench, pipeline.cli.plot, stages; from pipeline import Pipeline; "
-            "p = Pipeline.from_config('examples/verdict.yaml'); next(iter(p)); p.metrics(); "
+    code = ("import sys; import pipeline.cli, pipeline.cli.bench, pipeline.cli.plot, stages; "
+            "from pipeline import Pipeline; p = Pipeline.from_config('examples/verdict.yaml'); "
+            "next(iter(p)); p.metrics(); "
             "assert 'matplotlib' not in sys.modules, 'imported'")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           check=False)
