@@ -155,6 +155,9 @@ class Pack(Stage[np.ndarray]):
         self.stats["rows"] += n
         return block[:n]
 
+    def tokens_in(self, item: np.ndarray) -> int:
+        return item.shape[0] * (item.shape[2] - 1)  # input positions, padding included (as a batch's inputs)
+
     # --- rows ---------------------------------------------------------------------------------
 
     def _row(self, tokens: np.ndarray, positions: np.ndarray) -> bool:

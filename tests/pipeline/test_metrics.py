@@ -21,7 +21,7 @@ from torchdata.nodes import IterableWrapper
 
 from pipeline import Pipeline
 from pipeline.stage import PassThrough, Stage
-from stages import Batch, BpeEncode, Mix, ReadText, SlidingWindow
+from stages import Batch, BpeEncode, Mix, Pack, ReadText, SlidingWindow
 from tests.conftest import ROOT
 from tests.examples.test_train import TINY
 
@@ -85,6 +85,15 @@ def test_keys_and_counts_match_an_independent_count(tmp_path):
     # the inputs run inside the stage's next(): its wait is their time, all of it
     assert m["encode/wait_s"] == pytest.approx(m["read/busy_s"] + m["read/wait_s"])
     assert m["batch/wait_s"] == pytest.approx(m["window/busy_s"] + m["window/wait_s"])
+
+
+def test_packed_rows_count_their_input_tokens(tmp_path):
+    node = Batch(Pack(BpeEncode(ReadText(corpus(tmp_path), chunk_bytes=256)), max_length=16), batch_size=2,
+                 drop_last=False)
+    pipe = Pipeline(node)
+    batches = list(pipe)
+    m = pipe.metrics()
+    assert m["pack/tokens"] == m["batch/tokens"] == sum(b["inputs"].numel() for b in batches) > 0
 
 
 def test_a_slow_stage_is_named(tmp_path):
