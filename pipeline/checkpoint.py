@@ -50,5 +50,5 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             want = "object" if kind is dict else "integer"
             raise ValueError(f"checkpoint {os.fspath(path)}: field `{field}` must be a JSON {want} ({found})")
     if saved["batches"] < 0:
-        raise ValueError(f"checkpoint {os.fspath(path)}: field `batches` must not be negative, found {saved['batches']}")
+        raise ValueError(f"checkpoint {os.fspath(path)}: field `batches` must not be negative ({saved['batches']})")
     return saved

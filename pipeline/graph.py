@@ -311,8 +311,8 @@ class Pipeline:
         fits = state.get("fits")
         missing = [f for f in mine if f not in fits] if isinstance(fits, Mapping) else ["fits"]
         if missing or "loader" not in state:
-            raise ValueError(f"this state lacks `{(missing or ['loader'])[0]}`: it cannot be checked against the pipeline "
-                             "(a hand-edited or truncated state?)")
+            raise ValueError(f"this state lacks `{(missing or ['loader'])[0]}`: it cannot be checked against the "
+                             "pipeline (a hand-edited or truncated state?)")
         for field, saved in fits.items():
             if mine.get(field) != saved:
                 raise ValueError(

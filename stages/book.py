@@ -38,7 +38,8 @@ def encode_text(txt: str) -> torch.Tensor:
     """``txt``'s GPT-2 tokens through the pipeline's encode stage, with ``<|endoftext|>`` allowed (the book's)."""
     document = IterableWrapper([{"text": txt, "source": "<txt>"}])
     encoded = Pipeline(BpeEncode(document, encoding="gpt2", allowed_special=["<|endoftext|>"]))
-    return torch.from_numpy(np.concatenate([np.empty(0, np.int32)] + [item["ids"] for item in encoded]).astype(np.int64))
+    ids = np.concatenate([np.empty(0, np.int32)] + [item["ids"] for item in encoded])
+    return torch.from_numpy(ids.astype(np.int64))
 
 
 def create_dataloader_v1(
@@ -64,4 +65,5 @@ def create_dataloader_v1(
             raise ValueError(f"{field} must be a positive integer, got {value!r}")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     dataset = GPTDatasetV1(encode_text(txt), max_length, stride)
-    return DataLoader(dataset, batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers, generator=generator)
+    return DataLoader(dataset, batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
+                      generator=generator)

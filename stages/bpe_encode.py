@@ -54,7 +54,8 @@ class BpeEncode(Stage[dict]):
         self.encoding = load_encoding(encoding, encoding_files)
         special = self.encoding.special_tokens_set
         one = isinstance(allowed_special, str) and allowed_special != "all"  # a token's name, not its characters
-        self.allowed_special = special if allowed_special == "all" else {allowed_special} if one else set(allowed_special)
+        names = {allowed_special} if one else set(allowed_special)
+        self.allowed_special = special if allowed_special == "all" else names
         if not self.allowed_special <= special:
             raise FieldError(
                 "allowed_special",

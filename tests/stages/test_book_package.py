@@ -46,6 +46,7 @@ def test_the_books_chapter_2_test(offline):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a 124M-parameter GPT trained and sampled on CPU: minutes on 2 shared cores
 @pytest.mark.parametrize("model_class", ["GPTModel", "GPTModelFast"])
 def test_the_books_chapter_5_test(offline, model_class):
     test_ch05.test_train_simple(offline, getattr(ch04, model_class))

@@ -59,7 +59,8 @@ def run_ok(*argv: str) -> str:
 
 @pytest.mark.parametrize("fractions", ["{train: .nan, validation: 0.5}", "{train: .inf, validation: 0.5}"])
 def test_split_fractions_that_are_not_numbers_are_refused(tmp_path, corpus, fractions):
-    text = CONFIG.replace("encode: {type: bpe_encode, input: read}", "split:  {type: split, input: read, fractions: F}\n"
+    text = CONFIG.replace("encode: {type: bpe_encode, input: read}",
+                          "split:  {type: split, input: read, fractions: F}\n"
                           "  encode: {type: bpe_encode, input: split.train}").replace("F", fractions)
     err = error_of("run", config_file(tmp_path, corpus, text))
     assert "stage `split`" in err and "fractions" in err
@@ -89,7 +90,8 @@ def test_a_json_key_given_twice_is_refused(tmp_path, corpus):
 
 
 def test_embed_on_the_meta_device_is_refused(tmp_path, corpus):
-    text = CONFIG + "  embed:  {type: embed, input: batch, vocab_size: 50257, d_model: 8, context_length: 8, device: meta}\n"
+    text = CONFIG + ("  embed:  {type: embed, input: batch, vocab_size: 50257, d_model: 8, context_length: 8, "
+                     "device: meta}\n")
     err = error_of("run", config_file(tmp_path, corpus, text))
     assert "stage `embed`" in err and "meta" in err
 
@@ -109,15 +111,16 @@ BAD_CONFIGS = {  # an edit of CONFIG, words the message must hold
     "output 5": (("stages:", "output: 5\nstages:"), ["`output`", "5"]),
     "output list": (("stages:", "output: [batch]\nstages:"), ["`output`", "['batch']"]),
     "split seed 2**64": (("encode: {type: bpe_encode, input: read}", "split: {type: split, input: read, "
-                          "fractions: {a: 1}, seed: 18446744073709551616}\n  encode: {type: bpe_encode, input: split.a}"),
+                          "fractions: {a: 1}, seed: 18446744073709551616}\n"
+                          "  encode: {type: bpe_encode, input: split.a}"),
                          ["stage `split`", "seed"]),
     "chunk_bytes 10**12": (("chunk_bytes: 256", "chunk_bytes: 1000000000000"), ["stage `read`", "chunk_bytes"]),
     "chunk_bytes 2**63": (("chunk_bytes: 256", "chunk_bytes: 9223372036854775808"), ["stage `read`", "chunk_bytes"]),
     "negative seed": (("batch_size: 2}", "batch_size: 2, shuffle: true, seed: -1}"), ["stage `batch`", "seed"]),
-    "mix weights nan": (("encode: {type: bpe_encode, input: read}", "mix: {type: mix, inputs: [read], weights: [.nan]}\n"
-                         "  encode: {type: bpe_encode, input: mix}"), ["stage `mix`", "weights"]),
-    "mix weights inf": (("encode: {type: bpe_encode, input: read}", "mix: {type: mix, inputs: [read], weights: [.inf]}\n"
-                         "  encode: {type: bpe_encode, input: mix}"), ["stage `mix`", "weights"]),
+    "mix weights nan": (("encode: {type: bpe_encode, input: read}", "mix: {type: mix, inputs: [read], "
+                         "weights: [.nan]}\n  encode: {type: bpe_encode, input: mix}"), ["stage `mix`", "weights"]),
+    "mix weights inf": (("encode: {type: bpe_encode, input: read}", "mix: {type: mix, inputs: [read], "
+                         "weights: [.inf]}\n  encode: {type: bpe_encode, input: mix}"), ["stage `mix`", "weights"]),
     "mix weights overflow": (("read:   {", "other: {type: read_text, paths: [CORPUS]}\n  read:   {"),
                              ("encode: {type: bpe_encode, input: read}", "mix: {type: mix, inputs: [read, other], "
                               "weights: [1.0e+308, 1.0e+308]}\n  encode: {type: bpe_encode, input: mix}"),
@@ -142,7 +145,8 @@ def test_set_with_a_value_that_is_not_yaml(tmp_path, corpus):
     assert "stage `read`" in err and "read.paths=[a" in err
 
 
-@pytest.mark.parametrize("flag,value", [("--checkpoint-every", "0"), ("--checkpoint-every", "-3"), ("--max-batches", "-1")])
+@pytest.mark.parametrize("flag,value", [("--checkpoint-every", "0"), ("--checkpoint-every", "-3"),
+                                        ("--max-batches", "-1")])
 def test_flags_out_of_range_are_refused(tmp_path, corpus, flag, value):
     assert flag in error_of("run", config_file(tmp_path, corpus), flag, value)
 
