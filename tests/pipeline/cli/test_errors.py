@@ -274,6 +274,24 @@ def test_reader_positions_are_checked_on_load(tmp_path, corpus, reader, field, v
         next(iter(fresh))
 
 
+@pytest.mark.parametrize("value", [10**9, -5])
+def test_read_tokens_positions_are_checked_on_load(tmp_path, corpus, value):
+    from pipeline.prepare import prepare
+
+    prepare({"stages": {"read": {"type": "read_text", "paths": [str(corpus)]}, "encode": {"type": "bpe_encode",
+             "input": "read"}}}, tmp_path / "cache")
+    config = {"stages": {"tokens": {"type": "read_tokens", "path": str(tmp_path / "cache"), "max_length": 4, "stride": 4}}}
+    pipe = Pipeline.from_config(config)
+    next(iter(pipe))
+    state = json.loads(json.dumps(pipe.state_dict()))
+    for reader_state in _states(state["loader"], "position"):
+        reader_state["position"] = value
+    fresh = Pipeline.from_config(config)
+    with pytest.raises(StageError, match="stage 'tokens'.*position"):
+        fresh.load_state_dict(state)
+        next(iter(fresh))
+
+
 def test_a_state_without_fits_is_refused_on_the_python_path(tmp_path, corpus):
     pipe = Pipeline.from_config(config_file(tmp_path, corpus))
     state = pipe.state_dict()
