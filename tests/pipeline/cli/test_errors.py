@@ -280,7 +280,8 @@ def test_read_tokens_positions_are_checked_on_load(tmp_path, corpus, value):
 
     prepare({"stages": {"read": {"type": "read_text", "paths": [str(corpus)]}, "encode": {"type": "bpe_encode",
              "input": "read"}}}, tmp_path / "cache")
-    config = {"stages": {"tokens": {"type": "read_tokens", "path": str(tmp_path / "cache"), "max_length": 4, "stride": 4}}}
+    tokens = {"type": "read_tokens", "path": str(tmp_path / "cache"), "max_length": 4, "stride": 4}
+    config = {"stages": {"tokens": tokens}}
     pipe = Pipeline.from_config(config)
     next(iter(pipe))
     state = json.loads(json.dumps(pipe.state_dict()))
