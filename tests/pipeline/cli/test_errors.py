@@ -214,10 +214,10 @@ def test_sigint_during_prepare_leaves_nothing_and_no_traceback(tmp_path, corpus)
     # A real process and a real signal: the first shard write sends SIGINT to the process itself.
     child = (
         "import os, signal, sys\n"
-        "import pipeline.prepare as prepare\n"
+        "from stages.tokens.writer import ShardWriter\n"
         "def add(self, ids, source):\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
-        "prepare.ShardWriter.add = add\n"
+        "ShardWriter.add = add\n"
         "from pipeline.cli import main\n"
         f"sys.exit(main(['prepare', {config_file(tmp_path, corpus)!r}, '--out', {str(tmp_path / 'cache')!r}]))\n"
     )
@@ -276,7 +276,7 @@ def test_reader_positions_are_checked_on_load(tmp_path, corpus, reader, field, v
 
 @pytest.mark.parametrize("value", [10**9, -5])
 def test_read_tokens_positions_are_checked_on_load(tmp_path, corpus, value):
-    from pipeline.prepare import prepare
+    from stages.tokens.prepare import prepare
 
     prepare({"stages": {"read": {"type": "read_text", "paths": [str(corpus)]}, "encode": {"type": "bpe_encode",
              "input": "read"}}}, tmp_path / "cache")
