@@ -232,7 +232,7 @@ def test_sigint_during_prepare_leaves_nothing_and_no_traceback(tmp_path, corpus)
 
 
 def test_allowed_special_as_one_name_is_that_token(tmp_path):
-    from stages.encode import BpeEncode
+    from stages.bpe_encode import BpeEncode
     from torchdata.nodes import IterableWrapper
 
     def ids(allowed):
