@@ -11,11 +11,10 @@ from pipeline.cursor import Cursor
 from pipeline.registry import register
 from pipeline.schema import Positive
 from pipeline.stage import Stage
-from stages.separators import document_ids
 
 
 def _ids(item: Any) -> np.ndarray:
-    return document_ids(item)[0] if isinstance(item, dict) else np.asarray(item)
+    return item["ids"] if isinstance(item, dict) else np.asarray(item)
 
 
 def input_tokens(block: np.ndarray) -> int:
