@@ -13,7 +13,14 @@ their gradients are all-reduced with the model's all the same (DDP hooks every p
 Rank 0 prints ``step=<n> train_loss=<mean over ranks> val_loss=<y>``. At the end each rank prints
 the pieces it read, ``rank=<r> read=<json [source, offset, end]>``, and whether its tables and model
 equal rank 0's, ``rank=<r> tables_identical=<bool> model_identical=<bool> tables_changed=<bool>``.
-No checkpoint here: each rank's data position would go in it (see ``train_gpt.py`` for one rank).
+
+With ``--checkpoint DIR`` each rank writes its pipeline's state to ``DIR/data-rank-<r>.json`` and
+rank 0 the model, tables and optimizer to ``DIR/model.pt`` (at each evaluation). ``--resume DIR`` goes
+on from there, also on another number of ranks: then every rank passes all the old ranks' states to
+``load_state_dict(states, reshard=True)``, and the epoch goes on with each document read once.
+
+    torchrun --standalone --nproc_per_node 2 examples/ddp.py --steps 8 --checkpoint ckpt
+    torchrun --standalone --nproc_per_node 3 examples/ddp.py --steps 16 --resume ckpt
 """
 
 from __future__ import annotations
@@ -29,7 +36,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from train_gpt import TextPieces, batches, build, evaluate, loss_of, parse_args  # noqa: E402
+from train_gpt import MUST_MATCH, TextPieces, batches, build, evaluate, loss_of, parse_args  # noqa: E402
+
+from pipeline import Pipeline  # noqa: E402
+from pipeline.checkpoint import load_json, save_json  # noqa: E402
 
 
 class Trainable(nn.Module):
@@ -61,6 +71,44 @@ def mean_over_ranks(value: float, device: torch.device) -> float:
     return total.item() / dist.get_world_size()
 
 
+def save(folder: str, step: int, trainable: nn.Module, pipe: Pipeline, optimizer, args) -> None:
+    """Every rank's data position, and (rank 0) the weights and the optimizer; complete once all have written."""
+    rank = dist.get_rank()
+    save_json(os.path.join(folder, f"data-rank-{rank}.json"), pipe.state_dict())
+    if rank == 0:
+        state = {
+            "step": step,
+            "trainable": trainable.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "world_size": dist.get_world_size(),
+            "args": {key: getattr(args, key) for key in MUST_MATCH},
+        }
+        torch.save(state, os.path.join(folder, "model.pt.tmp"))
+        os.replace(os.path.join(folder, "model.pt.tmp"), os.path.join(folder, "model.pt"))
+    dist.barrier()
+
+
+def restore(folder: str, trainable: nn.Module, pipe: Pipeline, optimizer, args) -> int:
+    """Load a checkpoint written by ``save``, on this run's number of ranks; return its step."""
+    state = torch.load(os.path.join(folder, "model.pt"), map_location="cpu", weights_only=True)
+    for key in MUST_MATCH:
+        if state["args"][key] != getattr(args, key):
+            raise SystemExit(
+                f"--resume {folder}: --{key.replace('_', '-')} was {state['args'][key]!r}, now {getattr(args, key)!r}"
+            )
+    trainable.load_state_dict(state["trainable"])
+    optimizer.load_state_dict(state["optimizer"])
+    old_world, rank = state["world_size"], dist.get_rank()
+    data = [load_json(os.path.join(folder, f"data-rank-{r}.json")) for r in range(old_world)]
+    if old_world == dist.get_world_size():
+        pipe.load_state_dict(data[rank])  # the same ranks: exactly the batches that came next
+    else:
+        pipe.load_state_dict(data, reshard=True)  # every old rank's state, dealt out over these ranks
+    if rank == 0:
+        print(f"resumed at step {state['step']}, saved by {old_world} rank(s), on {dist.get_world_size()}", flush=True)
+    return state["step"]
+
+
 def main() -> None:
     args = parse_args()
     dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
@@ -73,8 +121,11 @@ def main() -> None:
     trainable = DistributedDataParallel(Trainable(model, embedding))  # broadcasts rank 0's weights
     initial = embedding.tok_emb.weight.detach().clone()
     optimizer = torch.optim.AdamW(trainable.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    start = restore(args.resume, trainable.module, pipe, optimizer, args) if args.resume else 0
+    if args.checkpoint:
+        os.makedirs(args.checkpoint, exist_ok=True)
     data, losses = batches(pipe), []
-    for step in range(1, args.steps + 1):
+    for step in range(start + 1, args.steps + 1):
         batch = next(data)
         loss = loss_of(trainable(batch["embeddings"]), batch["targets"])
         optimizer.zero_grad(set_to_none=True)
@@ -87,6 +138,8 @@ def main() -> None:
             if rank == 0:
                 print(f"step={step} train_loss={train_loss:.6f} val_loss={val_loss:.6f}", flush=True)
             losses = []
+            if args.checkpoint:
+                save(args.checkpoint, step, trainable.module, pipe, optimizer, args)
     reader = next(node for node in pipe.stages.values() if isinstance(node, TextPieces))
     read = sorted({tuple(unit) for unit in reader.read_log})
     tables, whole = same_on_all_ranks(embedding), same_on_all_ranks(model)

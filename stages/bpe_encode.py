@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -123,8 +124,9 @@ class BpeEncode(Stage[dict]):
 
     def _encode(self, texts: list[str]) -> list[np.ndarray]:
         """Token ids of each text, as if encoded one by one."""
-        if self._pool is None:
+        if self._pool is None or self._pool_pid != os.getpid():  # a forked worker has none of the threads
             self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix=f"encode-{self.name}")
+            self._pool_pid = os.getpid()
         # Join texts into about batch_bytes per call, separated by <|endoftext|> and split back at
         # its id; a text holding that literal string is a call of its own, so the split stays exact.
         groups: list[list[int]] = [[]]

@@ -14,8 +14,28 @@ from tests.conftest import ROOT, shared_file
 
 LINE = re.compile(r"^step=(\d+) train_loss=([\d.]+) val_loss=([\d.]+)$", re.M)
 # A tiny GPT on the first quarter of the-verdict (~1,150 tokens: 9 batches of 8 x 16 tokens an epoch).
-TINY = ["--emb-dim", "32", "--layers", "2", "--heads", "2", "--context", "16", "--batch", "8", "--lr", "1e-2",
-        "--val-fraction", "0.75", "--eval-every", "4", "--eval-batches", "2", "--device", "cpu"]
+TINY = [
+    "--emb-dim",
+    "32",
+    "--layers",
+    "2",
+    "--heads",
+    "2",
+    "--context",
+    "16",
+    "--batch",
+    "8",
+    "--lr",
+    "1e-2",
+    "--val-fraction",
+    "0.75",
+    "--eval-every",
+    "4",
+    "--eval-batches",
+    "2",
+    "--device",
+    "cpu",
+]
 
 
 def run(args: list[str], timeout: float = 180) -> str:
@@ -93,3 +113,15 @@ def test_ddp_ranks_read_disjoint_data_and_keep_identical_tables(verdict_path):
     )  # together: all of the train text
     checks = re.findall(r"^rank=(\d) tables_identical=(\w+) model_identical=(\w+) tables_changed=(\w+)$", out, re.M)
     assert sorted(checks) == [("0", "True", "True", "True"), ("1", "True", "True", "True")], out
+
+
+def test_ddp_resumes_on_another_number_of_ranks(verdict_path, tmp_path):
+    checkpoint = str(tmp_path / "ckpt")
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    common = ["examples/ddp.py", "--data", str(verdict_path), *TINY, "--piece-bytes", "1024"]
+    first = run(ddp + ["--nproc_per_node", "2"] + common + ["--steps", "4", "--checkpoint", checkpoint], timeout=240)
+    assert sorted(losses(first)) == [1, 4]
+    out = run(ddp + ["--nproc_per_node", "1"] + common + ["--steps", "8", "--resume", checkpoint], timeout=240)
+    assert "resumed at step 4, saved by 2 rank(s), on 1" in out
+    assert sorted(losses(out)) == [8]
+    assert re.search(r"^rank=0 tables_identical=True model_identical=True tables_changed=True$", out, re.M), out
