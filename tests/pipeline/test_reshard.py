@@ -138,6 +138,17 @@ def test_mix(corpora, old, new):
     assert_exactly_once(verify_resume(mix_config(corpora / "arrow", corpora / "text", True), 3, old, new))
 
 
+def test_split(corpora):
+    config = {
+        "stages": {
+            "read": {"type": "read_arrow", "paths": [str(corpora / "arrow")], "shuffle": True},
+            "split": {"type": "split", "input": "read", "fractions": {"train": 0.7, "validation": 0.3}, "key": "id"},
+            **_tail("split.train", True),
+        }
+    }
+    assert_exactly_once(verify_resume(config, 3, (2, 2), (1, 0)))
+
+
 def test_a_broken_restore_fails_the_audit_naming_lost_documents(corpora):
     def drop_rank_1(pipe, states):  # a restore that forgets rank 1's state when it deals the units out
         pipe.load_state_dict(states, reshard=True)
