@@ -1,4 +1,5 @@
-"""Size of a pipeline's saved state (JSON bytes) on a corpus, mid-epoch, with and without workers.
+"""Size of a pipeline's saved state (JSON bytes) on a corpus, mid-epoch, with and without workers, and
+after a restore on another topology (8 ranks x 2 workers saved, 6 x 2 resumed with ``reshard=True``).
 
     python benchmarks/state_size.py bench-out/arrow-2GB
 """
@@ -45,6 +46,27 @@ def main() -> None:
                     pass
                 state = json.dumps(pipe.state_dict())
                 print(f"| {workers} | {shuffle} | {world_size} | {args.batches} | {len(state):,} |")
+    print("\n| resharded | shuffle | state after batches (each side) | JSON bytes |\n| --- | --- | --- | --- |")
+    for shuffle in (False, True):
+        print(
+            f"| 8 x 2 -> 6 x 2 | {shuffle} | {args.batches} "
+            f"| {len(json.dumps(resharded(args.corpus, shuffle, args.batches))):,} |"
+        )
+
+
+def resharded(corpus: str, shuffle: bool, batches: int) -> dict:
+    """Rank 0's state, ``batches`` into the epoch continued on 6 x 2 from 8 x 2 ranks' states."""
+    states = []
+    for rank in range(8):
+        with Pipeline.from_config(config(corpus, shuffle), num_workers=2, rank=rank, world_size=8) as pipe:
+            for _, batch in zip(range(batches), pipe):
+                pass
+            states.append(pipe.state_dict())
+    with Pipeline.from_config(config(corpus, shuffle), num_workers=2, rank=0, world_size=6) as pipe:
+        pipe.load_state_dict(states, reshard=True)
+        for _, batch in zip(range(batches), pipe):
+            pass
+        return pipe.state_dict()
 
 
 if __name__ == "__main__":

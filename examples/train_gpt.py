@@ -375,7 +375,8 @@ def restore(
 ) -> int:
     """Load a checkpoint; return its step. Settings that shape the data or the model must match.
 
-    A checkpoint of ``ddp.py`` holds one pipeline state per rank: this rank's is loaded.
+    A checkpoint of ``ddp.py`` holds one pipeline state per rank: this rank's is loaded, or, saved on
+    another number of ranks, all of them with ``reshard=True``.
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
     for key in MUST_MATCH:
@@ -386,9 +387,12 @@ def restore(
     pipe.embedding.load_state_dict(state["embedding"])
     optimizer.load_state_dict(state["optimizer"])
     data = state["data"] if isinstance(state["data"], list) else [state["data"]]
-    if len(data) != world_size:
-        raise SystemExit(f"--resume {path}: saved by {len(data)} rank(s), now {world_size}; resume on as many")
-    pipe.load_state_dict(data[rank])
+    if len(data) == world_size:
+        pipe.load_state_dict(data[rank])  # the same ranks: exactly the batches that came next
+    else:
+        pipe.load_state_dict(data, reshard=True)  # every old rank's state, dealt out over these ranks
+        if rank == 0:
+            print(f"resumed at step {state['step']}, saved by {len(data)} rank(s), on {world_size}", flush=True)
     return state["step"]
 
 

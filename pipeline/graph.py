@@ -8,6 +8,7 @@ import json
 import os
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 from torchdata.nodes import BaseNode, Loader
@@ -15,6 +16,7 @@ from torchdata.nodes import BaseNode, Loader
 from pipeline.config import load_config
 from pipeline.metrics import DataClock, collect
 from pipeline.registry import ConfigError, did_you_mean, stage_class
+from pipeline.reshard import make_seam, reader_states
 from pipeline.schema import FieldError, check_field, fields, item_kinds, takes
 from pipeline.shard import Reader
 from pipeline.stage import RunContext, Stage, inputs_of, upstream_nodes
@@ -202,6 +204,17 @@ def _with_workers(root: BaseNode, num_workers: int) -> BaseNode:
     return above
 
 
+def _workers_at(root: BaseNode) -> BaseNode:
+    """The topmost stage worth running in workers on the output's chain (where ``Workers`` goes)."""
+    node = root
+    while not (isinstance(node, Stage) and node.in_workers):
+        inputs = inputs_of(node)
+        if len(inputs) != 1:
+            raise ValueError("num_workers: no chain of read/encode/window stages to put in workers")
+        node = inputs[0]
+    return node
+
+
 class Pipeline:
     """A runnable graph of stages: iterate it for batches; save and restore where it stands.
 
@@ -296,17 +309,91 @@ class Pipeline:
 
     def state_dict(self) -> dict[str, Any]:
         """Where the stream stands: positions, epochs and seeds (JSON-serializable, no data)."""
-        return {"state_version": STATE_VERSION, "fits": self._fingerprint(), "loader": self.loader.state_dict()}
+        state = {"state_version": STATE_VERSION, "fits": self._fingerprint(), "loader": self.loader.state_dict()}
+        # seams given to the readers here reach worker processes only when they start: kept here too
+        seams = {n.name: n.seams for n in upstream_nodes(self.root) if isinstance(n, Reader) and n.seams}
+        return {**state, "seams": seams} if seams else state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]], reshard: bool = False) -> None:
         """Continue, at the next ``iter()``, with exactly the batches that followed ``state``.
 
         Raises ``ValueError`` naming what differs when the state was saved by another pipeline
         (stages or parameters, corpus files, rank, world size, workers).
+
+        With ``reshard=True``, ``state`` is the list of the states of every rank of a run on another
+        topology (ranks and workers; a single state when only ``num_workers`` changed): the epoch goes
+        on from where they stood, every document read once over all ranks and workers, and the next
+        epochs are this topology's (``pipeline.reshard``). Downstream buffers (tokens not yet windowed,
+        windows not yet batched) are not carried over: their data is read again from the readers'
+        saved positions.
         """
+        if not reshard:
+            self._check_fits(state, topology=True)
+            for node in upstream_nodes(self.root):
+                if isinstance(node, Reader):
+                    node.set_seams(state.get("seams", {}).get(node.name, {}))
+            self.loader.load_state_dict(state["loader"])
+            return
+        states = [state] if isinstance(state, Mapping) else list(state)
+        for one in states:
+            self._check_fits(one, topology=False)
+        stage_root = self.root.source if isinstance(self.root, Workers) else self.root
+        readers = [n for n in upstream_nodes(stage_root) if isinstance(n, Reader)]
+        if not readers:
+            raise ValueError("reshard=True: this pipeline has no reader stage to share out")
+        workers = {one["fits"]["num_workers"] for one in states}
+        world = {w for one in states for w in one["fits"]["world_size"]}
+        ranks = [one["fits"]["rank"][0] for one in states]
+        if len(workers) > 1 or len(world) > 1:
+            raise ValueError(
+                f"reshard=True: the states come from different runs (world sizes {sorted(world)}, workers "
+                f"{sorted(workers)})"
+            )
+        (old_workers,), (old_world,) = workers, world
+        (me, my_world), slots = readers[0].place(), max(self.num_workers, 1)
+        if len(states) == 1 and old_world > 1:  # only num_workers changed: this rank deals its own units out
+            if (old_world, ranks[0]) != (my_world, me):
+                raise ValueError(
+                    f"reshard=True with one state: it is rank {ranks[0]}'s of {old_world}; this is rank {me} of "
+                    f"{my_world}; pass the states of all {old_world} ranks of the previous run"
+                )
+            among = [me * slots, slots]
+        elif sorted(ranks) != list(range(old_world)):
+            missing = sorted(set(range(old_world)) - set(ranks))
+            raise ValueError(
+                f"reshard=True needs the state of every rank of the previous run (0 to {old_world - 1}), "
+                f"got ranks {sorted(ranks)}" + (f": missing {missing}" if missing else "")
+            )
+        else:
+            among = [0, my_world * slots]
+        wrapped = _workers_at(stage_root) if old_workers else None
+        roots = sorted(zip(ranks, (one["loader"]["root"] for one in states)), key=lambda pair: pair[0])
+        found = reader_states(stage_root, roots, wrapped, old_world)
+        # ranks may be in different epochs (their shares differ): each epoch up to the last gets a seam
+        epochs = {epoch for per_worker in found.values() for epoch, _, _ in per_worker.values()}
+        first, old_slots = min(epochs), old_world * max(old_workers, 1)
+        for node in upstream_nodes(self.root):
+            if isinstance(node, Reader):
+                saved = [one.get("seams", {}).get(node.name, {}) for one in states]
+                node.set_seams(
+                    {
+                        str(e): make_seam(node, found[id(node)], saved, e, old_slots, among)
+                        for e in range(first, max(epochs) + 1)
+                    }
+                )
+            if hasattr(node, "set_epoch"):  # Workers, batch; readers and mix take it from the context
+                node.set_epoch(first)
+        self.root.set_context(replace(self.root.context, epoch=first))
+        self.loader = Loader(self.root)
+
+    def _check_fits(self, state: Any, topology: bool) -> None:
+        """Refuse a state of another version, graph or corpus (and, with ``topology``, rank or workers)."""
         if not isinstance(state, Mapping) or state.get("state_version") != STATE_VERSION:
             found = state.get("state_version") if isinstance(state, Mapping) else type(state).__name__
-            raise ValueError(f"not a pipeline state of version {STATE_VERSION} (state_version: {found!r})")
+            raise ValueError(
+                f"not a pipeline state of version {STATE_VERSION} (state_version: {found!r})"
+                + ("; a list of every rank's states is for reshard=True" if isinstance(state, list) else "")
+            )
         mine = self._fingerprint()
         fits = state.get("fits")
         missing = [f for f in mine if f not in fits] if isinstance(fits, Mapping) else ["fits"]
@@ -314,13 +401,14 @@ class Pipeline:
             raise ValueError(f"this state lacks `{(missing or ['loader'])[0]}`: it cannot be checked against the "
                              "pipeline (a hand-edited or truncated state?)")
         for field, saved in fits.items():
-            if mine.get(field) != saved:
+            if mine.get(field) != saved and (topology or field in ("graph", "corpus")):
+                moved = field in ("rank", "world_size", "num_workers")
                 raise ValueError(
                     f"this state does not fit the pipeline: `{field}` was {saved!r} when it was saved and is "
                     f"{mine.get(field)!r} now"
                     + (" (the stages or their parameters differ)" if field == "graph" else "")
+                    + ("; to continue on another topology, pass every rank's state with reshard=True" if moved else "")
                 )
-        self.loader.load_state_dict(state["loader"])
 
     def _fingerprint(self) -> dict[str, Any]:
         """What a saved state must match: the graph, the corpus files (sizes, and objects' modification times),
@@ -332,11 +420,12 @@ class Pipeline:
         readers = [n for n in nodes if isinstance(n, Reader)]
         files = [path for n in readers for path in n.paths()]
         corpus = [[f, *version(f)] for f in files]
+        places = [n.place() for n in reversed(upstream_nodes(self.root)) if isinstance(n, Reader)]  # a user's own too
         return {
             "graph": _digest(graph),
             "corpus": _digest(corpus),
-            "rank": [n.place()[0] for n in readers],
-            "world_size": [n.place()[1] for n in readers],
+            "rank": [rank for rank, _ in places],
+            "world_size": [world_size for _, world_size in places],
             "num_workers": self.num_workers,
         }
 

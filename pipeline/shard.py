@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.schema import check_seed
+from pipeline.seam import unit_lists
 from pipeline.stage import RunContext
+
+FINISHED = 1 << 62  # the index (or position) of a worker that had read all of an epoch
 
 
 def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -73,6 +77,28 @@ class Reader:
         check_seed(seed)
         self.shuffle, self.seed = shuffle, seed
         self._epoch = -1
+        self._seams: dict[str, dict] = {}
+
+    def set_seams(self, seams: dict[str, dict]) -> None:
+        """Read each epoch in ``seams`` (by number), when a ``reset()`` starts it, from its seam
+        (``pipeline.reshard``)."""
+        self._seams = dict(seams)
+
+    @property
+    def seams(self) -> dict[str, dict]:
+        """The seams of epochs not yet over, by epoch number."""
+        return self._seams
+
+    def frontier(self, state: dict | None, finished: bool = False) -> Any:
+        """Where a worker stood in an epoch, from its state (None: at the start), for a seam."""
+        raise NotImplementedError
+
+    def _seam(self, initial_state: dict | None) -> dict | None:
+        """The seam of the epoch being started or restored (None: read as usual); later ones are kept."""
+        if initial_state is not None:
+            self._seams = initial_state.get("seams", {})
+        self._seams = {e: seam for e, seam in self._seams.items() if int(e) >= self._epoch}
+        return self._seams.get(str(self._epoch))
 
     def paths(self) -> list[str]:
         """The files this reader reads (a saved state is checked against their sizes)."""
@@ -81,8 +107,10 @@ class Reader:
     def place(self) -> tuple[int, int]:
         """``(rank, world_size)`` of the coming passes: the run context's, else this reader's own."""
         context = self.context
-        return resolve_rank(self.rank if context.rank is None else context.rank,
-                            self.world_size if context.world_size is None else context.world_size)
+        return resolve_rank(
+            self.rank if context.rank is None else context.rank,
+            self.world_size if context.world_size is None else context.world_size,
+        )
 
     def slot(self) -> tuple[int, int]:
         """``(g, G)``: this copy's global worker index, and the number of workers over all ranks."""
@@ -102,7 +130,8 @@ class ShardedSource(Reader):
     ``read(unit, position) -> (item, next_position) | None`` (None: the unit is done) and
     ``close_unit()``. The state is ``{epoch, index, position}``: which of this worker's units it is
     in, and where inside it; never data. A reader that knows its units' sizes says so in ``unit_bytes``
-    and counts ``stats["bytes"]`` as it reads them (for progress bars).
+    and counts ``stats["bytes"]`` as it reads them (for progress bars). In an epoch continued on another
+    topology its state also holds the seams (``pipeline.reshard``) this worker's units were dealt from.
     """
 
     def unit_bytes(self, unit) -> int | None:
@@ -120,6 +149,12 @@ class ShardedSource(Reader):
         slots = range(rank * num_workers, (rank + 1) * num_workers)
         return sum(sizes[u] for g in slots for u in order[g::G])
 
+    def frontier(self, state: dict | None, finished: bool = False) -> list:
+        """``[index, position]`` of a worker in its units."""
+        if finished:
+            return [FINISHED, None]
+        return [0, None] if state is None else [state["index"], state["position"]]
+
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
         self.close_unit()
@@ -128,18 +163,31 @@ class ShardedSource(Reader):
         else:
             self._epoch, self._index, self._position = (initial_state[k] for k in ("epoch", "index", "position"))
             check_restored(self, "epoch", self._epoch, 2**63 - 1)
-        self._assigned = assign_units(len(self.units), *self.slot(), self.shuffle, self.seed, self._epoch, self.name)
+        seam, (g, G) = self._seam(initial_state), self.slot()
+        if seam is None:  # [unit, start]: start is where a unit in progress at a seam goes on from
+            units = assign_units(len(self.units), g, G, self.shuffle, self.seed, self._epoch, self.name)
+            self._assigned = [[u, None] for u in units]
+        else:
+            order = unit_order(len(self.units), self.shuffle, self.seed, self._epoch).tolist()
+            self._assigned = unit_lists(order, seam, G)[g]
         if initial_state is not None:
             check_restored(self, "index", self._index, len(self._assigned))
             if self._position is not None:
                 check_restored(self, "position", self._position, 2**63 - 1)
 
+    @property
+    def unit(self) -> int | None:
+        """The unit being read (None between epochs)."""
+        return self._assigned[self._index][0] if self._index < len(self._assigned) else None
+
     def get_state(self) -> dict:
-        return {"epoch": self._epoch, "index": self._index, "position": self._position}
+        state = {"epoch": self._epoch, "index": self._index, "position": self._position}
+        return {**state, "seams": self._seams} if self._seams else state
 
     def next(self):
         while self._index < len(self._assigned):
-            out = self.read(self.units[self._assigned[self._index]], self._position)
+            unit, start = self._assigned[self._index]
+            out = self.read(self.units[unit], start if self._position is None else self._position)
             if out is not None:
                 item, self._position = out
                 return item

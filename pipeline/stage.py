@@ -138,6 +138,14 @@ class Stage(BaseNode[T]):
         """Numbers of this stage's own for ``Pipeline.metrics``, under keys ``<stage>/<key>``."""
         return {}
 
+    def source_states(self, state: dict[str, Any]) -> list[dict[str, Any]]:
+        """The states of this stage's inputs kept in its own ``state``: where a restore restarts them."""
+        return [state["source"]]
+
+    def consumed(self, state: dict[str, Any]) -> int:
+        """Items (rows) of its one input past ``source_states(state)`` already used (see ``Batch``)."""
+        return 0
+
     def error(self, message: str, source: str | None = None, record: Any = None) -> StageError:
         """A ``StageError`` whose message starts with this stage, the file and the record."""
         where = f"stage '{self.name}'" + (f", file {source}" if source else "")

@@ -136,6 +136,21 @@ class Workers(Stage):
     def get_state(self) -> dict[str, Any]:
         return {"loader": self._loader.state_dict(), "epoch": self._epoch}
 
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next ``reset()`` start epoch ``epoch``."""
+        self._epoch = epoch - 1
+
+    @staticmethod
+    def worker_states(state: dict[str, Any]) -> tuple[int, list[dict[str, Any] | None]]:
+        """``(epoch, [each worker's state of the stages it runs, None if it had not started])`` in ``state``."""
+        workers = state["loader"]["_snapshot"]["_worker_snapshots"]
+        return state["epoch"], [workers[f"worker_{w}"]["dataset_state"] for w in range(len(workers))]
+
+    @staticmethod
+    def last_worker(state: dict[str, Any]) -> int:
+        """The worker whose item came last before ``state`` was saved (the next is the one after it)."""
+        return state["loader"]["_snapshot"]["_last_yielded_worker_id"]
+
     def close(self) -> None:
         """Stop this epoch's worker processes now.
 

@@ -80,6 +80,20 @@ class Batch(Stage[dict]):
     def get_state(self) -> dict[str, Any]:
         return {"source": self._group_start, "group": self._group_index, "taken": self._taken, "epoch": self._epoch}
 
+    def source_states(self, state: dict[str, Any]) -> list[dict[str, Any]]:
+        return [state["source"]["source"]]
+
+    def consumed(self, state: dict[str, Any]) -> int:
+        """Windows of the input past ``source_states(state)`` that batches were made of. A shuffled group
+        only partly batched counts none of its windows (those batched are scattered over it): after a
+        reshard the whole group is read again."""
+        whole = not self.shuffle or state["taken"] >= self.group_size
+        return state["source"]["offset"] + (state["taken"] if whole else 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next ``reset()`` start epoch ``epoch``."""
+        self._epoch = epoch - 1
+
     def next(self) -> dict:
         if self._group is None:
             self._load_group()

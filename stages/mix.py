@@ -80,6 +80,9 @@ class Mix(Stage[dict]):
         sources = [source.state_dict() for source in self.sources]
         return {"epoch": self._epoch, "draws": self._draws, "ended": list(self._ended), "sources": sources}
 
+    def source_states(self, state: dict[str, Any]) -> list[dict[str, Any]]:
+        return state["sources"]
+
     def next(self) -> dict:
         while not all(self._ended) and not (self.stop == "first" and any(self._ended)):
             i = self._choice()

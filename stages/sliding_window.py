@@ -58,6 +58,18 @@ class SlidingWindow(Stage[np.ndarray]):
     def get_state(self) -> dict[str, Any]:
         return {"cursor": self._cursor.state(), "windowed": self._windowed}
 
+    def skip(self, n: int) -> None:
+        """Pass the next ``n`` windows as ``next`` would give them, without making them (resharding
+        replays a saved position this way)."""
+        span = self.max_length + 1
+        if self._cursor.fill(span + self.stride * (n - 1)) < span + self.stride * (n - 1):
+            raise ValueError(f"stage '{self.name}': cannot skip {n} windows, the stream ends before")
+        self._cursor.advance(self.stride * n)
+        self._windowed = True
+
+    def source_states(self, state: dict[str, Any]) -> list[dict[str, Any]]:
+        return [state["cursor"]["source"]]
+
     def next(self) -> np.ndarray:
         span = self.max_length + 1
         held = self._cursor.fill(span + self.stride * (self.block_windows - 1))

@@ -1,4 +1,5 @@
-"""The command line: ``python -m pipeline run | inspect | bench | prepare | plot | reference``, one module per verb."""
+"""The command line: ``python -m pipeline run | inspect | bench | prepare | plot | verify-resume | reference``,
+one module per verb."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ import argparse
 import sys
 
 from pipeline.checkpoint import CheckpointError
-from pipeline.cli import bench, inspect, plot, prepare, reference, run
+from pipeline.cli import bench, inspect, plot, prepare, reference, run, verify_resume
 from pipeline.registry import ConfigError
 from pipeline.stage import StageError
 
-VERBS = (run, inspect, bench, prepare, plot, reference)
+VERBS = (run, inspect, bench, prepare, plot, verify_resume, reference)
 
 
 def main(argv: list[str] | None = None) -> int:

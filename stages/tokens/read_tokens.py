@@ -12,7 +12,8 @@ import pyarrow.ipc as ipc
 from stages.tokens.format import check_cache, load_manifest
 from pipeline.registry import register
 from pipeline.schema import FieldError, Positive
-from pipeline.shard import Reader, check_restored
+from pipeline.seam import RemainingWindows
+from pipeline.shard import FINISHED, Reader, check_restored
 from pipeline.stage import Stage
 from stages.sliding_window import input_tokens
 
@@ -82,8 +83,10 @@ class TokenStream:
                 first, last = column.offsets[0].as_py(), column.offsets[-1].as_py()
                 values = column.values
                 if column.type.value_type != pa.from_numpy_dtype(dtype) or values.null_count:
-                    raise ValueError(f"path {folder!r}: shard {shard['file']}: ids are {column.type}, "
-                                     f"expected list<{dtype}> without nulls")
+                    raise ValueError(
+                        f"path {folder!r}: shard {shard['file']}: ids are {column.type}, "
+                        f"expected list<{dtype}> without nulls"
+                    )
                 at = values.buffers()[1].address + (values.offset + first) * dtype.itemsize - whole.address
                 if last == first:
                     continue
@@ -139,7 +142,9 @@ class ReadTokens(Reader, Stage[np.ndarray]):
     them (a window may cross a shard file). With ``shuffle``, the windows come in a seeded permutation
     of all of them, another each epoch (not a buffer: any window of the order is computed directly).
     Global worker ``g`` of ``G`` (``pipeline.shard``) takes windows ``g, g + G, ...`` of the order. The
-    state is ``{epoch, position}``. At construction the manifest, the shards' sizes and the source
+    state is ``{epoch, position}``. Restored on another topology (``pipeline.reshard``), the windows old
+    workers had not reached are dealt out in the order's sequence: each next window is the one after
+    the saved positions, by any topology. At construction the manifest, the shards' sizes and the source
     files' sizes are checked (a source's sha256 only when its mtime moved): a stale or damaged cache is
     refused. Items are int32 blocks ``[n, max_length + 1]``, as from ``sliding_window``.
 
@@ -203,22 +208,47 @@ class ReadTokens(Reader, Stage[np.ndarray]):
             self._epoch, self._position = self._epoch + 1, 0
         else:
             self._epoch, self._position = initial_state["epoch"], initial_state["position"]
+        seam = self._seam(initial_state)
         self._g, self._G = self.slot()
-        self._count = len(range(self._g, self.n_windows, self._G))  # this worker's windows
+        self._first, self._share = 0, self._G  # windows g - first, + share, ... of those to deal out
+        self._numbers = self._dealt(seam) if seam is not None else None
+        total = self.n_windows if self._numbers is None else self._numbers.total
+        self._count = len(range(self._g - self._first, total, self._share))  # this worker's windows
         if initial_state is not None:
             check_restored(self, "position", self._position, self._count)
         self._order = (
             WindowPermutation(self.n_windows, self.seed, self._epoch) if self.shuffle and self.n_windows else None
         )
 
+    def _dealt(self, seam: dict) -> RemainingWindows:
+        """The windows left at ``seam`` among the workers of this worker's group (sets the share)."""
+        if seam["previous"] is not None:
+            raise ValueError(
+                f"stage '{self.name}': this state was itself continued on another topology in epoch "
+                f"{seam['epoch']}; read_tokens reshards once an epoch (restore it on its own topology)"
+            )
+        group = next(group for group in seam["groups"] if group["among"][0] <= self._g < sum(group["among"]))
+        self._first, self._share = group["among"]
+        return RemainingWindows(self.n_windows, seam["workers"], group["at"])
+
+    def skip(self, n: int) -> None:
+        """Pass the next ``n`` windows (see ``sliding_window``'s ``skip``)."""
+        self._position += n
+
+    def frontier(self, state: dict[str, Any] | None, finished: bool = False) -> int:
+        return FINISHED if finished else 0 if state is None else state["position"]
+
     def get_state(self) -> dict[str, Any]:
-        return {"epoch": self._epoch, "position": self._position}
+        state = {"epoch": self._epoch, "position": self._position}
+        return {**state, "seams": self._seams} if self._seams else state
 
     def next(self) -> np.ndarray:
         n = min(self.block_windows, self._count - self._position)
         if n <= 0:
             raise StopIteration
-        index = self._g + self._G * (self._position + np.arange(n, dtype=np.int64))
+        index = self._g - self._first + self._share * (self._position + np.arange(n, dtype=np.int64))
+        if self._numbers is not None:
+            index = self._numbers(index)
         if self._order is not None:
             index = self._order(index)
         block = self._stream.gather(index * self.stride, self.max_length + 1)

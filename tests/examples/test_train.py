@@ -15,8 +15,28 @@ from tests.conftest import ROOT, shared_file
 
 LINE = re.compile(r"^step=(\d+) train_loss=([\d.]+) val_loss=([\d.]+)$", re.M)
 # A tiny GPT on the first quarter of the-verdict (~1,150 tokens: 9 batches of 8 x 16 tokens an epoch).
-TINY = ["--emb-dim", "32", "--layers", "2", "--heads", "2", "--context", "16", "--batch", "8", "--lr", "1e-2",
-        "--val-fraction", "0.75", "--eval-every", "4", "--eval-batches", "2", "--device", "cpu"]
+TINY = [
+    "--emb-dim",
+    "32",
+    "--layers",
+    "2",
+    "--heads",
+    "2",
+    "--context",
+    "16",
+    "--batch",
+    "8",
+    "--lr",
+    "1e-2",
+    "--val-fraction",
+    "0.75",
+    "--eval-every",
+    "4",
+    "--eval-batches",
+    "2",
+    "--device",
+    "cpu",
+]
 
 
 def run(args: list[str], timeout: float = 180) -> str:
@@ -112,3 +132,17 @@ def test_ddp_checkpoint_resumes_every_rank_exactly(tmp_path, ddp_8_steps):
     assert len(torch.load(checkpoint, weights_only=True)["data"]) == 2  # each rank's pipeline state
     resumed = losses(ddp("--steps", "8", "--resume", checkpoint))
     assert resumed == {8: uninterrupted[8]}  # from step 4 on: the same batches on each rank, model and optimizer
+
+
+def test_ddp_resumes_on_another_number_of_ranks(verdict_path, tmp_path):
+    checkpoint = str(tmp_path / "ddp.pt")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    common = ["examples/ddp.py", "--data", str(verdict_path), *TINY, "--piece-bytes", "1024"]
+    save = ["--steps", "4", "--checkpoint", checkpoint]
+    first = run(torchrun + ["--nproc_per_node", "2"] + common + save, timeout=240)
+    assert sorted(losses(first)) == [1, 4]
+    resume = ["--steps", "8", "--resume", checkpoint]
+    out = run(torchrun + ["--nproc_per_node", "1"] + common + resume, timeout=240)
+    assert "resumed at step 4, saved by 2 rank(s), on 1" in out
+    assert sorted(losses(out)) == [8]
+    assert re.search(r"^rank=0 tables_identical=True model_identical=True tables_changed=True$", out, re.M), out

@@ -1,0 +1,64 @@
+"""Which units (or windows) a worker reads in an epoch that continues from a seam (see ``pipeline.reshard``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def remaining_units(order: list[int], lists: list[list[list]], at: dict[str, Any]) -> list[list]:
+    """``[unit, start]`` still to read after old workers stopped at ``at`` (``{g: [index, position]}``):
+    the units in progress first (``start``: where to go on), then the others in ``order``."""
+    rank = {u: i for i, u in enumerate(order)}
+    going, fresh = [], []
+    for g, (index, position) in sorted(at.items(), key=lambda kv: int(kv[0])):
+        items = lists[int(g)][index:]
+        if items and position is not None:
+            going.append([items[0][0], position])
+            items = items[1:]
+        for unit, start in items:
+            (going if start is not None else fresh).append([unit, start])
+    return going + sorted(fresh, key=lambda item: rank[item[0]])
+
+
+def unit_lists(order: list[int], seam: dict | None, workers: int) -> list[list[list]]:
+    """Each of ``workers`` global workers' ``[unit, start]`` list for one epoch: units ``g, g + G,
+    ...`` of ``order``, or what a seam dealt it (empty for workers outside the seam's groups)."""
+    if seam is None:
+        return [[[u, None] for u in order[g::workers]] for g in range(workers)]
+    before = unit_lists(order, seam["previous"], seam["workers"])
+    lists: list[list[list]] = [[] for _ in range(workers)]
+    for group in seam["groups"]:
+        first, count = group["among"]
+        left = remaining_units(order, before, group["at"])
+        for j in range(count):
+            if first + j < workers:
+                lists[first + j] = left[j::count]
+    return lists
+
+
+class RemainingWindows:
+    """The window numbers (in the epoch's order) old workers had not reached, ascending, by index.
+
+    Old global worker ``g`` of ``G`` took numbers ``g, g + G, ...`` and stopped after ``at[g]`` of
+    them; the rest of each of those progressions, merged, is an irregular start then whole periods
+    of ``G`` numbers, so the ``i``-th is computed without listing them all.
+    """
+
+    def __init__(self, n: int, workers: int, at: dict[str, int]):
+        starts = {int(g): int(g) + workers * min(p, n // workers + 1) for g, p in at.items()}  # past n: none left
+        self.workers, self.residues = workers, np.array(sorted(starts), dtype=np.int64)
+        self.base = max((s // workers for s in starts.values()), default=0) * workers  # all residues present from here
+        self.prefix = np.array(
+            sorted(k for s in starts.values() for k in range(s, min(self.base, n), workers)), dtype=np.int64
+        )
+        self.total = sum(len(range(s, n, workers)) for s in starts.values())
+
+    def __call__(self, i: np.ndarray) -> np.ndarray:
+        i = np.asarray(i, dtype=np.int64)
+        later = np.maximum(i - len(self.prefix), 0)
+        out = self.base + (later // len(self.residues)) * self.workers + self.residues[later % len(self.residues)]
+        head = i < len(self.prefix)
+        out[head] = self.prefix[i[head]]
+        return out
