@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from stages.fast_bpe import gigatoken_installed
+
+# One intra-op thread for torch here and in the processes the tests start (inherited): `make test` runs a pytest
+# worker per CPU, and the tests' tiny models gain nothing from more threads, whose spinning only burns CPU time.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # torch is already imported (by stages)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
