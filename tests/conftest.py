@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,13 @@ BACKENDS = ["tiktoken"] + (["gigatoken"] if gigatoken_installed() else [])
 def backend(request) -> str:
     """Each ``bpe_encode`` backend available here, by name."""
     return request.param
+
+
+@pytest.fixture(scope="module")
+def restorer():
+    """A fresh Python process (tests/resume_child.py) that restores the states it is sent (one per test module)."""
+    child = subprocess.Popen([sys.executable, "-m", "tests.resume_child"], cwd=ROOT, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    yield child
+    child.stdin.close()
+    assert child.wait(timeout=60) == 0

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -13,7 +11,6 @@ import pytest
 
 from pipeline import Pipeline
 from tests.command_line import cli, run_process, trace_digests
-from tests.conftest import ROOT
 from tests.corpora import write_arrow_corpus
 
 
@@ -26,16 +23,6 @@ def _config(corpus, shuffle: bool) -> dict:
             "batch": {"type": "batch", "input": "window", "batch_size": 4, "shuffle": shuffle, "shuffle_windows": 24},
         }
     }
-
-
-@pytest.fixture(scope="module")
-def restorer():
-    """A fresh Python process (tests/resume_child.py) that restores the states it is sent."""
-    child = subprocess.Popen([sys.executable, "-m", "tests.resume_child"], cwd=ROOT, text=True,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    yield child
-    child.stdin.close()
-    assert child.wait(timeout=60) == 0
 
 
 def _restore_in_new_process(restorer, tmp_path, config, loader, resume: list) -> list[np.ndarray]:
