@@ -9,9 +9,10 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from torchdata.nodes import BaseNode, Loader
+from torchdata.nodes import BaseNode
 
 from pipeline.config import load_config
+from pipeline.loader import Loader
 from pipeline.registry import ConfigError, did_you_mean, stage_class
 from pipeline.schema import FieldError, check_field, fields, item_kinds, takes
 from pipeline.shard import Reader
