@@ -13,6 +13,7 @@ from pipeline.schema import one_of
 from pipeline.shard import ShardedSource
 from pipeline.stage import Stage
 from stages.read_text import expand_paths
+from stages.separators import FIELDS
 
 ARROW_SUFFIXES = (".arrow", ".ipc", ".feather", ".arrows")
 NULL_POLICIES = ("error", "skip")
@@ -66,7 +67,8 @@ class ReadArrow(ShardedSource, Stage[dict]):
     Shard units are record batches (Arrow) and row groups (Parquet), so one large file still spreads
     over ranks and workers (``pipeline.shard``). Each item is a dict: ``text`` (from ``column``),
     ``source`` (the file), ``shard`` (the unit in the file), ``record`` (the row in the unit), and the
-    file's other columns by name (a column named like one of those four is shadowed by it).
+    file's other columns by name. A carried column named like a field of the pipeline's own (``ids``,
+    ``offset``, ``end``, ... : ``stages.separators.FIELDS``) is refused by name: leave it out with ``columns``.
 
     Args:
         paths: files, globs or directories (directories: files ending .arrow, .ipc, .feather, .arrows, .parquet).
@@ -101,6 +103,14 @@ class ReadArrow(ShardedSource, Stage[dict]):
             for name in columns or ():
                 if name not in f.schema.names:
                     raise ValueError(f"{f.path}: no column `{name}` to carry (columns: {', '.join(f.schema.names)})")
+            carried = columns if columns is not None else [n for n in f.schema.names if n != column]
+            clashes = [name for name in carried if name in FIELDS]
+            if clashes:
+                kept = [name for name in carried if name not in FIELDS]
+                raise ValueError(
+                    f"{f.path}: column `{clashes[0]}` has the name of a pipeline field ({', '.join(FIELDS)}) and would be "
+                    f"taken for it; carry the other columns only (columns: {kept}) or rename it in the corpus"
+                )
         self.column, self.columns, self.on_null = column, columns, on_null
         self.init_shards(rank, world_size, shuffle, seed)
         self.units = [[i, j] for i, f in enumerate(self.files) for j in range(f.n_units)]

@@ -7,6 +7,11 @@ from typing import Any
 
 import numpy as np
 
+# The fields the stages give documents and read from them. A user's column of the same name would be taken
+# for one (a column `ids` replacing the tokens, `offset` and `end` joining separate documents), so readers
+# that carry columns refuse such a column by name.
+FIELDS = ("text", "source", "offset", "end", "shard", "record", "ids", "mix", "split")
+
 
 class Separators:
     """Puts the end-of-text id before each item that starts a new document.

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 
 from pipeline import ConfigError, Pipeline, StageError
+from pipeline.cli import main
 from stages import ReadArrow
+from stages.encoding import load_encoding
 from tests.corpora import write_arrow_corpus
 
 
@@ -112,3 +116,44 @@ def test_failure_in_a_worker_reaches_the_caller_with_its_context(tmp_path):
     with pytest.raises(Exception, match=r"part-9\.arrow, shard 0, row 1: null in text column") as info:
         list(Pipeline.from_config(config, output="read", num_workers=2))
     assert "StageError" in str(info.value) or isinstance(info.value, StageError)
+
+
+# --- issue 14, item 2: user columns never pass for the pipeline's own fields ------------------------------
+
+
+@pytest.mark.parametrize("name", ["ids", "offset", "end", "source", "split"])
+def test_a_column_named_like_a_pipeline_field_is_refused_by_name(tmp_path, name):
+    path = tmp_path / "t.arrow"
+    _write(path, {"text": ["one two", "three"], name: [7, 8], "lang": ["en", "fr"]})
+    config = {"stages": {"read": {"type": "read_arrow", "paths": [str(path)]}, "encode": {"type": "bpe_encode", "input": "read"}}}
+    with pytest.raises(ConfigError, match=rf"read.*t\.arrow: column `{name}` has the name of a pipeline field.*\['lang'\]"):
+        Pipeline.from_config(config)
+    with pytest.raises(ValueError, match=f"column `{name}`"):
+        ReadArrow(str(path), columns=[name])
+
+
+def test_leaving_a_clashing_column_out_gives_the_plain_tokens(tmp_path):
+    """The tokens are the texts' own, joined by <|endoftext|> (tiktoken as the oracle), whatever the columns."""
+    path = tmp_path / "t.arrow"
+    texts = ["one two", "three four five", "six"]
+    _write(path, {"text": texts, "ids": [[1], [2], [3]], "offset": [0, 7, 22], "end": [7, 22, 25], "lang": ["a", "b", "c"]})
+    config = {"stages": {
+        "read": {"type": "read_arrow", "paths": [str(path)], "columns": ["lang"]},
+        "encode": {"type": "bpe_encode", "input": "read"},
+    }}
+    items = list(Pipeline.from_config(config))
+    enc = load_encoding("gpt2")
+    expected = enc.encode("<|endoftext|>".join(texts), allowed_special={"<|endoftext|>"})
+    assert [int(t) for item in items for t in item["ids"]] == expected
+    assert [item["lang"] for item in items] == ["a", "b", "c"]
+
+
+def test_prepare_refuses_a_column_named_ids_and_writes_no_cache(tmp_path, capsys):
+    path = tmp_path / "t.arrow"
+    _write(path, {"text": ["one two", "three"], "ids": [[1, 2], [3]]})
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"stages": {"read": {"type": "read_arrow", "paths": [str(path)]},
+                                             "encode": {"type": "bpe_encode", "input": "read"}}}))
+    assert main(["prepare", str(config), "--out", str(tmp_path / "cache")]) == 2
+    assert "column `ids` has the name of a pipeline field" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
