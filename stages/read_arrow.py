@@ -40,13 +40,35 @@ class _ArrowFile:
                 try:
                     reader = ipc.open_file(source)
                     self.format, self.schema, self.n_units = "file", reader.schema, reader.num_record_batches
-                except pa.ArrowInvalid:  # not the file format: try the stream format (no footer, so count)
+                except pa.ArrowInvalid:  # not the file format: the stream format, which has no footer
                     source.seek(0)
-                    reader = ipc.open_stream(source)
-                    self.format, self.schema = "stream", reader.schema
-                    self.n_units = sum(1 for _ in reader)
+                    self.format, self.schema = "stream", ipc.open_stream(source).schema
+                    self._index_stream(source)
         except (pa.ArrowInvalid, OSError) as e:
             raise ValueError(f"{path}: not a readable Arrow IPC or Parquet file ({e})") from None
+
+    def _index_stream(self, source: pa.NativeFile) -> None:
+        """Where each message of a stream lies, read once (headers only), so a unit is read in one seek.
+
+        ``_batches``: the record batch messages' spans; ``_dictionaries[i]``: the dictionary messages
+        before batch ``i``, which the batch's dictionary columns refer to.
+        """
+        source.seek(0)
+        messages, spans, self._batches, self._dictionaries = ipc.MessageReader.open_stream(source), [], [], []
+        while True:
+            start = source.tell()
+            try:
+                message = messages.read_next_message()
+            except StopIteration:
+                break
+            if message.type == "record batch":
+                self._batches.append((start, source.tell()))
+                self._dictionaries.append(len(spans))
+            elif message.type == "dictionary":
+                spans.append((start, source.tell()))
+            else:
+                self._schema_span = (start, source.tell())
+        self._dictionary_spans, self.n_units = spans, len(self._batches)
 
     def read_unit(self, index: int) -> pa.RecordBatch | pa.Table:
         if self.format == "parquet":
@@ -54,10 +76,10 @@ class _ArrowFile:
         with pa.memory_map(self.path) as source:  # mapped for this unit only, so RSS stays flat
             if self.format == "file":
                 return ipc.open_file(source).get_batch(index)
-            for i, batch in enumerate(ipc.open_stream(source)):
-                if i == index:
-                    return batch
-        raise IndexError(index)
+            # A stream of its own: the schema, the dictionaries so far, then this batch (not every batch before it).
+            spans = [self._schema_span, *self._dictionary_spans[: self._dictionaries[index]], self._batches[index]]
+            stream = b"".join(source.read_at(end - start, start) for start, end in spans)
+        return ipc.open_stream(stream).read_next_batch()
 
 
 @register("read_arrow")

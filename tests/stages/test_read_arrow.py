@@ -157,3 +157,55 @@ def test_prepare_refuses_a_column_named_ids_and_writes_no_cache(tmp_path, capsys
     assert main(["prepare", str(config), "--out", str(tmp_path / "cache")]) == 2
     assert "column `ids` has the name of a pipeline field" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()
+
+
+# --- issue 14, item 5: stream-format files are read in linear time ---------------------------------------
+
+
+def test_each_stream_unit_is_decoded_once(tmp_path, monkeypatch):
+    """A unit of a stream-format file was read by decoding every batch before it (quadratic in batches)."""
+    ids = write_arrow_corpus(tmp_path / "c", batches_per_file=(6, 5), fmt="stream")
+    reader = ReadArrow(str(tmp_path / "c"))
+    decoded = []
+    opened = ipc.open_stream
+
+    class Counting:
+        def __init__(self, source):
+            self.reader = opened(source)
+
+        def __iter__(self):
+            for batch in self.reader:
+                decoded.append(batch.num_rows)
+                yield batch
+
+        def read_next_batch(self):
+            batch = self.reader.read_next_batch()
+            decoded.append(batch.num_rows)
+            return batch
+
+    monkeypatch.setattr(ipc, "open_stream", Counting)
+    assert [d["id"] for d in reader] == ids
+    assert len(decoded) == 11 and sum(decoded) == len(ids)
+
+
+@pytest.mark.parametrize("deltas", [False, True])
+def test_stream_units_with_dictionaries_read_like_pyarrow(tmp_path, deltas):
+    """Dictionary columns, their dictionaries replaced or extended between batches: pyarrow's reader is the oracle."""
+    path = tmp_path / "d.arrows"
+    langs = pa.array(["en", "fr", "de", "it", "nl", "pt"])
+    batches = [  # batch b's dictionary: the first b + 2 languages (a delta of one, or a replacement)
+        pa.record_batch({"text": [f"doc {b}-{r}" for r in range(3)],
+                         "lang": pa.DictionaryArray.from_arrays(pa.array([(b + r) % (b + 2) for r in range(3)], pa.int32()),
+                                                                langs[: b + 2])})
+        for b in range(4)
+    ]
+    options = ipc.IpcWriteOptions(emit_dictionary_deltas=deltas)
+    with ipc.new_stream(path, batches[0].schema, options=options) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    with pa.memory_map(str(path)) as source:
+        expected = ipc.open_stream(source).read_all().to_pylist()
+    docs = list(ReadArrow(str(path), shuffle=True, seed=2))
+    assert sorted((d["shard"], d["record"]) for d in docs) == [(b, r) for b in range(4) for r in range(3)]
+    for d in docs:
+        assert {"text": d["text"], "lang": d["lang"]} == expected[d["shard"] * 3 + d["record"]]
