@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
@@ -89,13 +90,14 @@ class ReadArrow(ShardedSource, Stage[dict]):
     Shard units are record batches (Arrow) and row groups (Parquet), so one large file still spreads
     over ranks and workers (``pipeline.shard``). Each item is a dict: ``text`` (from ``column``),
     ``source`` (the file), ``shard`` (the unit in the file), ``record`` (the row in the unit), and the
-    file's other columns by name. A carried column named like a field of the pipeline's own (``ids``,
-    ``offset``, ``end``, ... : ``stages.separators.FIELDS``) is refused by name: leave it out with ``columns``.
+    file's other columns by name. A column named like a field of the pipeline's own (``ids``, ``offset``,
+    ``end``, ``source``, ...: ``stages.separators.FIELDS``) would be taken for it: it is left out, with a
+    warning naming it, or refused by name when ``columns`` lists it.
 
     Args:
         paths: files, globs or directories (directories: files ending .arrow, .ipc, .feather, .arrows, .parquet).
         column: the text column (string or large_string).
-        columns: other columns to carry with each document (default: all of them).
+        columns: other columns to carry with each document (default: all but those named like the pipeline's fields).
         on_null: a null text: ``error`` (naming file, shard and row) or ``skip`` (counted in ``stats``).
         rank, world_size, shuffle, seed: as in ``read_text``.
     """
@@ -125,14 +127,14 @@ class ReadArrow(ShardedSource, Stage[dict]):
             for name in columns or ():
                 if name not in f.schema.names:
                     raise ValueError(f"{f.path}: no column `{name}` to carry (columns: {', '.join(f.schema.names)})")
-            carried = columns if columns is not None else [n for n in f.schema.names if n != column]
-            clashes = [name for name in carried if name in FIELDS]
-            if clashes:
-                kept = [name for name in carried if name not in FIELDS]
-                raise ValueError(
-                    f"{f.path}: column `{clashes[0]}` has the name of a pipeline field ({', '.join(FIELDS)}) and would be "
-                    f"taken for it; carry the other columns only (columns: {kept}) or rename it in the corpus"
-                )
+        clashes = [n for n in columns or () if n in FIELDS]
+        if clashes:
+            raise ValueError(f"column `{clashes[0]}` has the name of a pipeline field ({', '.join(FIELDS)}) and would be taken "
+                             "for it; rename it in the corpus")
+        left_out = sorted({n for f in self.files for n in f.schema.names if n in FIELDS and n != column}) if columns is None else []
+        if left_out:
+            warnings.warn(f"columns {left_out} are named like fields of the pipeline's own ({', '.join(FIELDS)}) and are not "
+                          "carried, or they would be taken for them; rename them in the corpus to keep them", stacklevel=2)
         self.column, self.columns, self.on_null = column, columns, on_null
         self.init_shards(rank, world_size, shuffle, seed)
         self.units = [[i, j] for i, f in enumerate(self.files) for j in range(f.n_units)]
@@ -171,7 +173,7 @@ class ReadArrow(ShardedSource, Stage[dict]):
             batch = file.read_unit(index)
         except (pa.ArrowException, OSError) as e:
             raise self.error(f"cannot read this shard ({e})", file.path, f"shard {index}") from None
-        names = self.columns if self.columns is not None else [n for n in batch.schema.names if n != self.column]
+        names = self.columns if self.columns is not None else [n for n in batch.schema.names if n != self.column and n not in FIELDS]
         try:
             self._rows = batch.column(self.column).to_pylist(), {n: batch.column(n).to_pylist() for n in names}
         except UnicodeDecodeError:  # Arrow does not check UTF-8 on read: find the row

@@ -13,6 +13,7 @@ from pipeline.cli import main
 from stages import ReadArrow
 from stages.encoding import load_encoding
 from tests.corpora import write_arrow_corpus
+from tests.test_prepare import shard_rows
 
 
 @pytest.mark.parametrize("fmt", ["file", "stream", "parquet"])
@@ -122,41 +123,44 @@ def test_failure_in_a_worker_reaches_the_caller_with_its_context(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["ids", "offset", "end", "source", "split"])
-def test_a_column_named_like_a_pipeline_field_is_refused_by_name(tmp_path, name):
+def test_a_column_named_like_a_pipeline_field_is_left_out_with_a_warning_or_refused(tmp_path, name):
     path = tmp_path / "t.arrow"
     _write(path, {"text": ["one two", "three"], name: [7, 8], "lang": ["en", "fr"]})
-    config = {"stages": {"read": {"type": "read_arrow", "paths": [str(path)]}, "encode": {"type": "bpe_encode", "input": "read"}}}
-    with pytest.raises(ConfigError, match=rf"read.*t\.arrow: column `{name}` has the name of a pipeline field.*\['lang'\]"):
-        Pipeline.from_config(config)
-    with pytest.raises(ValueError, match=f"column `{name}`"):
-        ReadArrow(str(path), columns=[name])
+    with pytest.warns(UserWarning, match=rf"columns \['{name}'\] are named like fields of the pipeline's own"):
+        docs = list(ReadArrow(str(path)))
+    assert [d["lang"] for d in docs] == ["en", "fr"]
+    assert all(d["source"] == str(path) if name == "source" else name not in d for d in docs)
+    with pytest.raises(ValueError, match=f"column `{name}` has the name of a pipeline field"):
+        ReadArrow(str(path), columns=["lang", name])
 
 
-def test_leaving_a_clashing_column_out_gives_the_plain_tokens(tmp_path):
-    """The tokens are the texts' own, joined by <|endoftext|> (tiktoken as the oracle), whatever the columns."""
+def test_columns_named_ids_offset_end_leave_the_tokens_as_they_are(tmp_path):
+    """A column `ids` replaced the tokens; `offset` and `end` joined documents without <|endoftext|>
+    (tiktoken on the texts joined by it is the oracle)."""
     path = tmp_path / "t.arrow"
     texts = ["one two", "three four five", "six"]
-    _write(path, {"text": texts, "ids": [[1], [2], [3]], "offset": [0, 7, 22], "end": [7, 22, 25], "lang": ["a", "b", "c"]})
-    config = {"stages": {
-        "read": {"type": "read_arrow", "paths": [str(path)], "columns": ["lang"]},
-        "encode": {"type": "bpe_encode", "input": "read"},
-    }}
-    items = list(Pipeline.from_config(config))
+    _write(path, {"text": texts, "ids": [[1], [2], [3]], "offset": [0, 7, 22], "end": [0, 7, 22], "lang": ["a", "b", "c"]})
+    config = {"stages": {"read": {"type": "read_arrow", "paths": [str(path)]}, "encode": {"type": "bpe_encode", "input": "read"}}}
+    with pytest.warns(UserWarning, match=r"\['end', 'ids', 'offset'\]"):
+        pipe = Pipeline.from_config(config)
+    items = list(pipe)
     enc = load_encoding("gpt2")
     expected = enc.encode("<|endoftext|>".join(texts), allowed_special={"<|endoftext|>"})
     assert [int(t) for item in items for t in item["ids"]] == expected
     assert [item["lang"] for item in items] == ["a", "b", "c"]
 
 
-def test_prepare_refuses_a_column_named_ids_and_writes_no_cache(tmp_path, capsys):
+def test_prepare_writes_the_tokens_not_a_column_named_ids(tmp_path):
     path = tmp_path / "t.arrow"
     _write(path, {"text": ["one two", "three"], "ids": [[1, 2], [3]]})
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"stages": {"read": {"type": "read_arrow", "paths": [str(path)]},
                                              "encode": {"type": "bpe_encode", "input": "read"}}}))
-    assert main(["prepare", str(config), "--out", str(tmp_path / "cache")]) == 2
-    assert "column `ids` has the name of a pipeline field" in capsys.readouterr().err
-    assert not (tmp_path / "cache").exists()
+    with pytest.warns(UserWarning, match="ids"):
+        assert main(["prepare", str(config), "--out", str(tmp_path / "cache")]) == 0
+    rows = [row["ids"] for row in shard_rows(tmp_path / "cache")]
+    enc = load_encoding("gpt2")
+    assert [t for row in rows for t in row] == enc.encode("one two<|endoftext|>three", allowed_special={"<|endoftext|>"})
 
 
 # --- issue 14, item 5: stream-format files are read in linear time ---------------------------------------
