@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import Pipeline
@@ -90,23 +90,18 @@ def _check_chain(config: dict, num_workers: int, takes: list[int]) -> None:
 
 
 _takes = st.lists(st.integers(0, 14), min_size=2, max_size=6)
-_fast = {"deadline": None, "suppress_health_check": [HealthCheck.function_scoped_fixture], "derandomize": True}
 
 
+@pytest.mark.parametrize(("num_workers", "examples"), [(0, 12), (2, 2)])  # worker processes start each epoch: few
 @pytest.mark.parametrize("mixed", [False, True], ids=["read", "mix_split"])
 @pytest.mark.parametrize("shuffle", [False, True])
-@settings(max_examples=12, **_fast)
-@given(takes=_takes)
-def test_chained_resume_equals_the_uninterrupted_run(corpus, shuffle, mixed, takes):
-    _check_chain(_config(corpus, shuffle, mixed), 0, takes)
+def test_chained_resume_equals_the_uninterrupted_run(corpus, shuffle, mixed, num_workers, examples):
+    @settings(max_examples=examples, deadline=None, derandomize=True)
+    @given(takes=_takes)
+    def check(takes):
+        _check_chain(_config(corpus, shuffle, mixed), num_workers, takes)
 
-
-@pytest.mark.parametrize("mixed", [False, True], ids=["read", "mix_split"])
-@pytest.mark.parametrize("shuffle", [False, True])
-@settings(max_examples=2, **_fast)
-@given(takes=_takes)
-def test_chained_resume_with_workers_equals_the_uninterrupted_run(corpus, shuffle, mixed, takes):
-    _check_chain(_config(corpus, shuffle, mixed), 2, takes)
+    check()
 
 
 def test_a_state_saved_at_an_epoch_end_and_resumed_moves_on(corpus):
