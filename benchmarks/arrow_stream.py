@@ -45,8 +45,11 @@ def main() -> None:
         write(folder / f"s{n}.arrows", n, ipc.new_stream)
         write(folder / f"f{n}.arrow", n, ipc.new_file)
         (stream, documents), (file, _) = seconds(folder / f"s{n}.arrows"), seconds(folder / f"f{n}.arrow")
-        print(f"{n:>5} batches ({documents} documents): stream {stream:.3f} s, file {file:.3f} s, stream/file {stream / file:.1f}x",
-              flush=True)
+        print(
+            f"{n:>5} batches ({documents} documents): stream {stream:.3f} s, file {file:.3f} s, "
+            f"stream/file {stream / file:.1f}x",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

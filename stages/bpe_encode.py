@@ -166,7 +166,10 @@ class BpeEncode(Stage[dict]):
 
     def _encode_one(self, text: str) -> np.ndarray:
         pieces = cut_long_runs(text, self.encoding)  # [text] but where a whitespace run is too long for tiktoken
-        ids = [self.encoding.encode_to_numpy(p, allowed_special=self.allowed_special, disallowed_special=()) for p in pieces]
+        ids = [
+            self.encoding.encode_to_numpy(p, allowed_special=self.allowed_special, disallowed_special=())
+            for p in pieces
+        ]
         return np.concatenate(ids).astype(np.int32)
 
     def _uncuttable(self, doc: dict, e: UncuttableRun) -> StageError:
@@ -175,10 +178,17 @@ class BpeEncode(Stage[dict]):
             where = f"byte {doc['offset'] + len(text[: e.index].encode('utf-8', 'surrogatepass')):,}"
         else:
             where = (f"record {doc['record']}, " if "record" in doc else "") + f"character {e.index:,}"
-        why = (f"no point within {MAX_RUN:,} characters where a cut provably leaves its tokens as they are"
-               if self.encoding.name in GPT2_PATTERN else f"cuts are proven for GPT-2's pattern only, not `{self.encoding.name}`'s")
-        return self.error(f"a run of {e.length:,} whitespace characters is too long for tiktoken's regex (it fails near "
-                          f"1,000,000) and has {why}; shorten the run in the corpus", doc.get("source"), where)
+        why = (
+            f"no point within {MAX_RUN:,} characters where a cut provably leaves its tokens as they are"
+            if self.encoding.name in GPT2_PATTERN
+            else f"cuts are proven for GPT-2's pattern only, not `{self.encoding.name}`'s"
+        )
+        return self.error(
+            f"a run of {e.length:,} whitespace characters is too long for tiktoken's regex (it fails near "
+            f"1,000,000) and has {why}; shorten the run in the corpus",
+            doc.get("source"),
+            where,
+        )
 
 
 def _is_utf8(text: str) -> bool:

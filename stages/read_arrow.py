@@ -129,12 +129,21 @@ class ReadArrow(ShardedSource, Stage[dict]):
                     raise ValueError(f"{f.path}: no column `{name}` to carry (columns: {', '.join(f.schema.names)})")
         clashes = [n for n in columns or () if n in FIELDS]
         if clashes:
-            raise ValueError(f"column `{clashes[0]}` has the name of a pipeline field ({', '.join(FIELDS)}) and would be taken "
-                             "for it; rename it in the corpus")
-        left_out = sorted({n for f in self.files for n in f.schema.names if n in FIELDS and n != column}) if columns is None else []
+            raise ValueError(
+                f"column `{clashes[0]}` has the name of a pipeline field ({', '.join(FIELDS)}) and would be taken "
+                "for it; rename it in the corpus"
+            )
+        left_out = (
+            sorted({n for f in self.files for n in f.schema.names if n in FIELDS and n != column})
+            if columns is None
+            else []
+        )
         if left_out:
-            warnings.warn(f"columns {left_out} are named like fields of the pipeline's own ({', '.join(FIELDS)}) and are not "
-                          "carried, or they would be taken for them; rename them in the corpus to keep them", stacklevel=2)
+            warnings.warn(
+                f"columns {left_out} are named like fields of the pipeline's own ({', '.join(FIELDS)}) and are not "
+                "carried, or they would be taken for them; rename them in the corpus to keep them",
+                stacklevel=2,
+            )
         self.column, self.columns, self.on_null = column, columns, on_null
         self.init_shards(rank, world_size, shuffle, seed)
         self.units = [[i, j] for i, f in enumerate(self.files) for j in range(f.n_units)]
@@ -173,7 +182,11 @@ class ReadArrow(ShardedSource, Stage[dict]):
             batch = file.read_unit(index)
         except (pa.ArrowException, OSError) as e:
             raise self.error(f"cannot read this shard ({e})", file.path, f"shard {index}") from None
-        names = self.columns if self.columns is not None else [n for n in batch.schema.names if n != self.column and n not in FIELDS]
+        names = (
+            self.columns
+            if self.columns is not None
+            else [n for n in batch.schema.names if n != self.column and n not in FIELDS]
+        )
         try:
             self._rows = batch.column(self.column).to_pylist(), {n: batch.column(n).to_pylist() for n in names}
         except UnicodeDecodeError:  # Arrow does not check UTF-8 on read: find the row

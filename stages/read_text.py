@@ -118,8 +118,11 @@ def _files_under(folder: str) -> list[str]:
         links = sorted(d for d in folders if os.path.islink(os.path.join(top, d)) and not d.startswith("."))
         for link in links:
             path = os.path.join(top, link)
-            warnings.warn(f"{path}: a link to a folder ({os.readlink(path)}), not followed; name its target in `paths` "
-                          "to read it", stacklevel=4)
+            warnings.warn(
+                f"{path}: a link to a folder ({os.readlink(path)}), not followed; name its target in `paths` "
+                "to read it",
+                stacklevel=4,
+            )
         folders[:] = [d for d in folders if not d.startswith(".") and d not in links]
         found += [os.path.join(top, n) for n in names if not n.startswith(".") and os.path.isfile(os.path.join(top, n))]
     return found
@@ -187,8 +190,9 @@ class ReadText(ShardedSource, Stage[dict]):
         try:
             text, bad, _ = decode(raw, self.errors)
         except UnicodeDecodeError as e:
-            raise self.error(f"invalid UTF-8 ({e.reason}); set errors: replace or skip to go on", path,
-                             f"byte {position + e.start}") from None
+            raise self.error(
+                f"invalid UTF-8 ({e.reason}); set errors: replace or skip to go on", path, f"byte {position + e.start}"
+            ) from None
         if bad:
             self.stats["invalid_utf8"] += bad
         self.stats["bytes"] += len(raw)

@@ -33,6 +33,7 @@ _SPACES = frozenset(re.findall(f"[{WHITESPACE}]", "".join(map(chr, range(0x3001)
 def _long_run(max_run: int) -> re.Pattern:
     return re.compile(f"(?<![{WHITESPACE}])[{WHITESPACE}]{{{max_run + 1},}}")  # tried at runs' starts only: linear
 
+
 GPT2_PATTERN = frozenset({"gpt2", "r50k_base", "p50k_base", "p50k_edit"})  # tiktoken's encodings with that pattern
 
 

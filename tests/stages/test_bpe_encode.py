@@ -19,7 +19,7 @@ from pipeline import StageError
 from stages import encoding as encoding_module
 from stages.bpe_encode import BpeEncode
 from stages.encoding import EncodingFileMissing, load_encoding
-from stages.read import ReadText
+from stages.read_text import ReadText
 from stages.runs import MAX_RUN, UncuttableRun, cut_long_runs, has_long_run
 
 ENC = load_encoding("gpt2")

@@ -13,7 +13,7 @@ from pipeline.cli import main
 from stages import ReadArrow
 from stages.encoding import load_encoding
 from tests.corpora import write_arrow_corpus
-from tests.test_prepare import shard_rows
+from tests.stages.tokens.test_prepare import shard_rows
 
 
 @pytest.mark.parametrize("fmt", ["file", "stream", "parquet"])
@@ -139,8 +139,15 @@ def test_columns_named_ids_offset_end_leave_the_tokens_as_they_are(tmp_path):
     (tiktoken on the texts joined by it is the oracle)."""
     path = tmp_path / "t.arrow"
     texts = ["one two", "three four five", "six"]
-    _write(path, {"text": texts, "ids": [[1], [2], [3]], "offset": [0, 7, 22], "end": [0, 7, 22], "lang": ["a", "b", "c"]})
-    config = {"stages": {"read": {"type": "read_arrow", "paths": [str(path)]}, "encode": {"type": "bpe_encode", "input": "read"}}}
+    _write(
+        path, {"text": texts, "ids": [[1], [2], [3]], "offset": [0, 7, 22], "end": [0, 7, 22], "lang": ["a", "b", "c"]}
+    )
+    config = {
+        "stages": {
+            "read": {"type": "read_arrow", "paths": [str(path)]},
+            "encode": {"type": "bpe_encode", "input": "read"},
+        }
+    }
     with pytest.warns(UserWarning, match=r"\['end', 'ids', 'offset'\]"):
         pipe = Pipeline.from_config(config)
     items = list(pipe)
@@ -154,13 +161,23 @@ def test_prepare_writes_the_tokens_not_a_column_named_ids(tmp_path):
     path = tmp_path / "t.arrow"
     _write(path, {"text": ["one two", "three"], "ids": [[1, 2], [3]]})
     config = tmp_path / "c.json"
-    config.write_text(json.dumps({"stages": {"read": {"type": "read_arrow", "paths": [str(path)]},
-                                             "encode": {"type": "bpe_encode", "input": "read"}}}))
+    config.write_text(
+        json.dumps(
+            {
+                "stages": {
+                    "read": {"type": "read_arrow", "paths": [str(path)]},
+                    "encode": {"type": "bpe_encode", "input": "read"},
+                }
+            }
+        )
+    )
     with pytest.warns(UserWarning, match="ids"):
         assert main(["prepare", str(config), "--out", str(tmp_path / "cache")]) == 0
     rows = [row["ids"] for row in shard_rows(tmp_path / "cache")]
     enc = load_encoding("gpt2")
-    assert [t for row in rows for t in row] == enc.encode("one two<|endoftext|>three", allowed_special={"<|endoftext|>"})
+    assert [t for row in rows for t in row] == enc.encode(
+        "one two<|endoftext|>three", allowed_special={"<|endoftext|>"}
+    )
 
 
 # --- issue 14, item 5: stream-format files are read in linear time ---------------------------------------
@@ -198,9 +215,14 @@ def test_stream_units_with_dictionaries_read_like_pyarrow(tmp_path, deltas):
     path = tmp_path / "d.arrows"
     langs = pa.array(["en", "fr", "de", "it", "nl", "pt"])
     batches = [  # batch b's dictionary: the first b + 2 languages (a delta of one, or a replacement)
-        pa.record_batch({"text": [f"doc {b}-{r}" for r in range(3)],
-                         "lang": pa.DictionaryArray.from_arrays(pa.array([(b + r) % (b + 2) for r in range(3)], pa.int32()),
-                                                                langs[: b + 2])})
+        pa.record_batch(
+            {
+                "text": [f"doc {b}-{r}" for r in range(3)],
+                "lang": pa.DictionaryArray.from_arrays(
+                    pa.array([(b + r) % (b + 2) for r in range(3)], pa.int32()), langs[: b + 2]
+                ),
+            }
+        )
         for b in range(4)
     ]
     options = ipc.IpcWriteOptions(emit_dictionary_deltas=deltas)

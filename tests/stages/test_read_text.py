@@ -18,8 +18,36 @@ EOT = 50256
 
 # Pieces that stress the GPT-2 pre-tokenizer around spaces and newlines.
 TRICKY = [
-    " ", "  ", "   ", "\n", "\n\n", "\r\n", "\t", " \n", "'s", "'ll", "'S", "'t", "42", "7", "2024",
-    "...", "!?", "--", "a", "word", "The", "é", "naïve", "\u00a0", "\u3000", "中文", "😀", "\u2028", "\x85", "\x1c",
+    " ",
+    "  ",
+    "   ",
+    "\n",
+    "\n\n",
+    "\r\n",
+    "\t",
+    " \n",
+    "'s",
+    "'ll",
+    "'S",
+    "'t",
+    "42",
+    "7",
+    "2024",
+    "...",
+    "!?",
+    "--",
+    "a",
+    "word",
+    "The",
+    "é",
+    "naïve",
+    "\u00a0",
+    "\u3000",
+    "中文",
+    "😀",
+    "\u2028",
+    "\x85",
+    "\x1c",
 ]
 texts = st.text(st.characters(codec="utf-8"), max_size=300) | st.lists(st.sampled_from(TRICKY), max_size=120).map(
     "".join

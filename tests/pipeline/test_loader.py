@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import Pipeline
-from pipeline.cli import main
+from tests.command_line import cli
 from tests.corpora import write_arrow_corpus
 
 EPOCHS = 3
@@ -140,10 +140,10 @@ def test_chained_cli_runs_equal_the_uninterrupted_run(corpus, tmp_path, mixed, n
     epochs = _epochs(config, num_workers)
     trace = tmp_path / "trace.txt"
     common = [str(tmp_path / "config.json"), "--num-workers", str(num_workers), "--trace", str(trace), "--no-progress"]
-    assert main(["run", *common, "--max-batches", "3", "--checkpoint", str(tmp_path / "ck0.json")]) == 0
+    assert cli("run", *common, "--max-batches", "3", "--checkpoint", str(tmp_path / "ck0.json")).returncode == 0
     for i in range(EPOCHS):  # the rest of epoch 0, then epochs 1 and 2, each run to its epoch's end
         resume = ["--resume", str(tmp_path / f"ck{i}.json"), "--checkpoint", str(tmp_path / f"ck{i + 1}.json")]
-        assert main(["run", *common, *resume]) == 0
+        assert cli("run", *common, *resume).returncode == 0
     digests = [line.split()[1] for line in trace.read_text().splitlines()]
     expected = [hashlib.sha1(batch.tobytes()).hexdigest()[:16] for epoch in epochs for batch in epoch]
     assert digests == expected  # every epoch, each batch once
