@@ -10,9 +10,10 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from torchdata.nodes import BaseNode, Loader
+from torchdata.nodes import BaseNode
 
 from pipeline.config import load_config
+from pipeline.loader import Loader
 from pipeline.metrics import DataClock, collect
 from pipeline.registry import ConfigError, did_you_mean, stage_class
 from pipeline.schema import FieldError, check_field, fields, item_kinds, takes

@@ -10,9 +10,10 @@ import numpy as np
 
 from pipeline.registry import register
 from pipeline.schema import FieldError, Positive
-from pipeline.stage import Stage
+from pipeline.stage import Stage, StageError
 from stages.separators import Separators, mix_tokens
 from stages.encoding import EOT_TEXT, load_encoding
+from stages.runs import GPT2_PATTERN, MAX_RUN, UncuttableRun, cut_long_runs, has_long_run
 
 
 @register("bpe_encode")
@@ -119,6 +120,8 @@ class BpeEncode(Stage[dict]):
                 bad.get("source"),
                 where,
             ) from None
+        except UncuttableRun as e:
+            raise self._uncuttable(next(d for d in docs if d["text"] is e.text), e) from None
         self._pending.extend(zip(states, docs, ids))
 
     def _encode(self, texts: list[str]) -> list[np.ndarray]:
@@ -130,7 +133,7 @@ class BpeEncode(Stage[dict]):
         groups: list[list[int]] = [[]]
         size = 0
         for i, text in enumerate(texts):
-            alone = self._has_special(text)
+            alone = self._has_special(text) or has_long_run(text)
             if groups[-1] and (alone or size + len(text) > self.batch_bytes):
                 groups.append([])
                 size = 0
@@ -165,8 +168,30 @@ class BpeEncode(Stage[dict]):
         return EOT_TEXT in text or any(special in text for special in self.allowed_special)
 
     def _encode_one(self, text: str) -> np.ndarray:
-        ids = self.encoding.encode_to_numpy(text, allowed_special=self.allowed_special, disallowed_special=())
-        return ids.astype(np.int32)
+        pieces = cut_long_runs(text, self.encoding)  # [text] but where a whitespace run is too long for tiktoken
+        ids = [
+            self.encoding.encode_to_numpy(p, allowed_special=self.allowed_special, disallowed_special=())
+            for p in pieces
+        ]
+        return np.concatenate(ids).astype(np.int32)
+
+    def _uncuttable(self, doc: dict, e: UncuttableRun) -> StageError:
+        text = doc["text"]
+        if "offset" in doc:
+            where = f"byte {doc['offset'] + len(text[: e.index].encode('utf-8', 'surrogatepass')):,}"
+        else:
+            where = (f"record {doc['record']}, " if "record" in doc else "") + f"character {e.index:,}"
+        why = (
+            f"no point within {MAX_RUN:,} characters where a cut provably leaves its tokens as they are"
+            if self.encoding.name in GPT2_PATTERN
+            else f"cuts are proven for GPT-2's pattern only, not `{self.encoding.name}`'s"
+        )
+        return self.error(
+            f"a run of {e.length:,} whitespace characters is too long for tiktoken's regex (it fails near "
+            f"1,000,000) and has {why}; shorten the run in the corpus",
+            doc.get("source"),
+            where,
+        )
 
 
 def _is_utf8(text: str) -> bool:
