@@ -13,9 +13,11 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
-# The tests also run the Ray engine of `prepare` (an optional extra for users).
+# The tests also run the Ray engine of `prepare` (an optional extra for users), and the book's own
+# package on our drop-in loader: --no-deps, which a pip extra cannot say (its deps pull tensorflow).
 $(BIN)/.installed-ray: $(BIN)/.installed
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,ray]'
+	$(BIN)/python -m pip install -q --no-deps llms-from-scratch==1.0.19
 	touch $@
 
 demo: $(BIN)/.installed

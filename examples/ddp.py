@@ -13,7 +13,10 @@ their gradients are all-reduced with the model's all the same (DDP hooks every p
 Rank 0 prints ``step=<n> train_loss=<mean over ranks> val_loss=<y>``. At the end each rank prints
 the pieces it read, ``rank=<r> read=<json [source, offset, end]>``, and whether its tables and model
 equal rank 0's, ``rank=<r> tables_identical=<bool> model_identical=<bool> tables_changed=<bool>``.
-No checkpoint here: each rank's data position would go in it (see ``train_gpt.py`` for one rank).
+``--checkpoint FILE`` saves, at each evaluation, the model, the tables, the optimizer (the same on every
+rank) and every rank's pipeline state (gathered to rank 0, which writes the file); ``--resume FILE``
+loads them, each rank its own data position, so a resumed run sees exactly the batches that followed
+(on the same number of ranks; another number is refused).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from train_gpt import TextPieces, batches, build, evaluate, loss_of, parse_args  # noqa: E402
+from train_gpt import TextPieces, batches, build, evaluate, loss_of, parse_args, restore, save  # noqa: E402
 
 
 class Trainable(nn.Module):
@@ -61,6 +64,15 @@ def mean_over_ranks(value: float, device: torch.device) -> float:
     return total.item() / dist.get_world_size()
 
 
+def save_all_ranks(path: str, step: int, model: nn.Module, pipe, optimizer, args) -> None:
+    """Rank 0 writes the checkpoint, with every rank's pipeline state; the others wait for it."""
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, pipe.state_dict())
+    if dist.get_rank() == 0:
+        save(path, step, model, pipe, optimizer, args, data=states)
+    dist.barrier()
+
+
 def main() -> None:
     args = parse_args()
     dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
@@ -73,8 +85,10 @@ def main() -> None:
     trainable = DistributedDataParallel(Trainable(model, embedding))  # broadcasts rank 0's weights
     initial = embedding.tok_emb.weight.detach().clone()
     optimizer = torch.optim.AdamW(trainable.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    step = restore(args.resume, model, pipe, optimizer, args, rank, dist.get_world_size()) if args.resume else 0
     data, losses = batches(pipe), []
-    for step in range(1, args.steps + 1):
+    while step < args.steps:
+        step += 1
         batch = next(data)
         loss = loss_of(trainable(batch["embeddings"]), batch["targets"])
         optimizer.zero_grad(set_to_none=True)
@@ -87,6 +101,8 @@ def main() -> None:
             if rank == 0:
                 print(f"step={step} train_loss={train_loss:.6f} val_loss={val_loss:.6f}", flush=True)
             losses = []
+            if args.checkpoint:
+                save_all_ranks(args.checkpoint, step, model, pipe, optimizer, args)
     reader = next(node for node in pipe.stages.values() if isinstance(node, TextPieces))
     read = sorted({tuple(unit) for unit in reader.read_log})
     tables, whole = same_on_all_ranks(embedding), same_on_all_ranks(model)

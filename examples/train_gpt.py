@@ -343,14 +343,21 @@ def build(args: argparse.Namespace) -> tuple[GPT, Pipeline, Pipeline]:
 
 
 def save(
-    path: str, step: int, model: nn.Module, pipe: Pipeline, optimizer: torch.optim.Optimizer, args: argparse.Namespace
+    path: str,
+    step: int,
+    model: nn.Module,
+    pipe: Pipeline,
+    optimizer: torch.optim.Optimizer,
+    args: argparse.Namespace,
+    data: list | None = None,
 ) -> None:
+    """``data``: under DDP, every rank's pipeline state, by rank (default: this pipeline's state)."""
     state = {
         "step": step,
         "model": model.state_dict(),
         "embedding": pipe.embedding.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "data": pipe.state_dict(),
+        "data": pipe.state_dict() if data is None else data,
         "args": {key: getattr(args, key) for key in MUST_MATCH},
     }
     torch.save(state, path + ".tmp")
@@ -358,9 +365,18 @@ def save(
 
 
 def restore(
-    path: str, model: nn.Module, pipe: Pipeline, optimizer: torch.optim.Optimizer, args: argparse.Namespace
+    path: str,
+    model: nn.Module,
+    pipe: Pipeline,
+    optimizer: torch.optim.Optimizer,
+    args: argparse.Namespace,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> int:
-    """Load a checkpoint; return its step. Settings that shape the data or the model must match."""
+    """Load a checkpoint; return its step. Settings that shape the data or the model must match.
+
+    A checkpoint of ``ddp.py`` holds one pipeline state per rank: this rank's is loaded.
+    """
     state = torch.load(path, map_location="cpu", weights_only=True)
     for key in MUST_MATCH:
         if state["args"][key] != getattr(args, key):
@@ -369,7 +385,10 @@ def restore(
     model.load_state_dict(state["model"])
     pipe.embedding.load_state_dict(state["embedding"])
     optimizer.load_state_dict(state["optimizer"])
-    pipe.load_state_dict(state["data"])
+    data = state["data"] if isinstance(state["data"], list) else [state["data"]]
+    if len(data) != world_size:
+        raise SystemExit(f"--resume {path}: saved by {len(data)} rank(s), now {world_size}; resume on as many")
+    pipe.load_state_dict(data[rank])
     return state["step"]
 
 

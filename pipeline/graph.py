@@ -74,8 +74,13 @@ def check_config(config: Mapping[str, Any]) -> dict[str, list[str]]:
     specs = config.get("stages")
     if not isinstance(specs, Mapping) or not specs:
         raise ConfigError("a pipeline config needs a non-empty `stages` mapping of name -> {type, input, ...}")
+    output = config.get("output")
+    if output is not None and not isinstance(output, str):
+        raise ConfigError(f"`output` must be a stage name (or split.branch), got {output!r}", field="output")
     refs: dict[str, list[str]] = {}
     for name, spec in specs.items():
+        if not isinstance(name, str):  # YAML reads `1:` as a number
+            raise ConfigError(f"stage names must be strings, got {name!r} ({type(name).__name__}); quote it", str(name))
         if not isinstance(spec, Mapping) or "type" not in spec:
             raise ConfigError("each stage needs a mapping with a `type`", name, "type")
         if "." in name:
@@ -229,6 +234,8 @@ class Pipeline:
         else:
             self.stages = dict(stages)
             output = output if output is not None else list(self.stages)[-1]
+            if not isinstance(output, str):
+                raise ConfigError(f"output must be a stage name (or split.branch), got {output!r}", field="output")
             base, dot, branch = output.partition(".")
             if base not in self.stages:
                 raise ConfigError(
@@ -302,7 +309,12 @@ class Pipeline:
             found = state.get("state_version") if isinstance(state, Mapping) else type(state).__name__
             raise ValueError(f"not a pipeline state of version {STATE_VERSION} (state_version: {found!r})")
         mine = self._fingerprint()
-        for field, saved in state["fits"].items():
+        fits = state.get("fits")
+        missing = [f for f in mine if f not in fits] if isinstance(fits, Mapping) else ["fits"]
+        if missing or "loader" not in state:
+            raise ValueError(f"this state lacks `{(missing or ['loader'])[0]}`: it cannot be checked against the "
+                             "pipeline (a hand-edited or truncated state?)")
+        for field, saved in fits.items():
             if mine.get(field) != saved:
                 raise ValueError(
                     f"this state does not fit the pipeline: `{field}` was {saved!r} when it was saved and is "

@@ -47,6 +47,13 @@ def check_field(name: str, hint: Any, value: Any) -> None:
         raise FieldError(name, f"field `{name}` must be {type_text(base)}, got {value!r}")
 
 
+def check_seed(seed: Any) -> None:
+    """A seed numpy and hashlib both take: an integer from 0 to 2**63 - 1 (``FieldError`` naming ``seed``)."""
+    check_field("seed", int, seed)
+    if not 0 <= seed < 2**63:
+        raise FieldError("seed", f"seed must be from 0 to 2**63 - 1, got {seed!r}")
+
+
 def one_of(name: str, value: Any, choices: tuple) -> None:
     """Refuse a value outside ``choices`` (``FieldError`` naming the field)."""
     if value not in choices:

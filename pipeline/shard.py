@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import torch
 
-from pipeline.schema import check_field
+from pipeline.schema import check_seed
 from pipeline.stage import RunContext
 
 
@@ -52,6 +52,12 @@ def assign_units(n_units: int, g: int, G: int, shuffle: bool, seed: int, epoch: 
     return order[g::G].tolist()
 
 
+def check_restored(stage, field: str, value, limit: int) -> None:
+    """Refuse a restored position outside ``0..limit``, naming the reader (a hand-edited or foreign state)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+        raise stage.error(f"the state's `{field}` is {value!r}; it must be an integer from 0 to {limit}")
+
+
 class Reader:
     """Mixin for reader stages (before ``Stage`` in the bases): files, a place among ranks and workers,
     a seeded shuffle and an epoch.
@@ -64,7 +70,7 @@ class Reader:
 
     def init_shards(self, rank: int | None, world_size: int | None, shuffle: bool, seed: int) -> None:
         self.rank, self.world_size = resolve_rank(rank, world_size)  # its own; a run context may name others
-        check_field("seed", int, seed)
+        check_seed(seed)
         self.shuffle, self.seed = shuffle, seed
         self._epoch = -1
 
@@ -121,7 +127,12 @@ class ShardedSource(Reader):
             self._epoch, self._index, self._position = self._epoch + 1, 0, None
         else:
             self._epoch, self._index, self._position = (initial_state[k] for k in ("epoch", "index", "position"))
+            check_restored(self, "epoch", self._epoch, 2**63 - 1)
         self._assigned = assign_units(len(self.units), *self.slot(), self.shuffle, self.seed, self._epoch, self.name)
+        if initial_state is not None:
+            check_restored(self, "index", self._index, len(self._assigned))
+            if self._position is not None:
+                check_restored(self, "position", self._position, 2**63 - 1)
 
     def get_state(self) -> dict:
         return {"epoch": self._epoch, "index": self._index, "position": self._position}

@@ -10,7 +10,7 @@ import torch
 from pipeline.cursor import Cursor
 from pipeline.items import describe
 from pipeline.registry import register
-from pipeline.schema import Positive, check_field
+from pipeline.schema import Positive, check_seed
 from pipeline.stage import Stage
 
 
@@ -54,7 +54,7 @@ class Batch(Stage[dict]):
         shuffle_windows: Positive = 8192,
     ):
         super().__init__()
-        check_field("seed", int, seed)
+        check_seed(seed)
         self.source = source
         self.stats.labels["windows_dropped"] = "windows dropped (drop_last)"
         self.batch_size = batch_size

@@ -1,27 +1,45 @@
-"""The book's ``create_dataloader_v1``, on the pipeline's stages."""
+"""The book's ``create_dataloader_v1``: a real ``DataLoader`` over the book's windows, as views."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
+import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 from torchdata.nodes import IterableWrapper
 
 from pipeline.graph import Pipeline
-from stages.batch import Batch
 from stages.bpe_encode import BpeEncode
-from stages.sliding_window import SlidingWindow
 
 
-class BookLoader:
-    """Iterates ``(inputs, targets)`` pairs like the book's ``DataLoader``; ``pipeline`` is the graph."""
+class GPTDatasetV1(Dataset):
+    """The book's map-style dataset: window ``i`` starts at token ``i * stride``.
 
-    def __init__(self, pipeline: Pipeline):
-        self.pipeline = pipeline
+    ``__len__`` and ``__getitem__`` are the book's, but each window is a view of one int64 token
+    tensor, so memory is O(tokens) rather than the book's O(windows x max_length).
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in self.pipeline:
-            yield batch["inputs"], batch["targets"]
+    Args:
+        ids: the token stream (int64, one dimension).
+        max_length, stride: as in the book.
+    """
+
+    def __init__(self, ids: torch.Tensor, max_length: int, stride: int):
+        self.ids, self.max_length = ids, max_length
+        self.starts = range(0, len(ids) - max_length, stride)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.starts[idx]  # a range: negative indices and IndexError as the book's list
+        return self.ids[start : start + self.max_length], self.ids[start + 1 : start + self.max_length + 1]
+
+
+def encode_text(txt: str) -> torch.Tensor:
+    """``txt``'s GPT-2 tokens through the pipeline's encode stage, with ``<|endoftext|>`` allowed (the book's)."""
+    document = IterableWrapper([{"text": txt, "source": "<txt>"}])
+    encoded = Pipeline(BpeEncode(document, encoding="gpt2", allowed_special=["<|endoftext|>"]))
+    ids = np.concatenate([np.empty(0, np.int32)] + [item["ids"] for item in encoded])
+    return torch.from_numpy(ids.astype(np.int64))
 
 
 def create_dataloader_v1(
@@ -32,22 +50,20 @@ def create_dataloader_v1(
     shuffle: bool = True,
     drop_last: bool = True,
     num_workers: int = 0,
-    seed: int = 0,
-) -> BookLoader:
-    """A drop-in for the book's function: GPT-2 windows of ``txt`` in batches of ``(inputs, targets)``.
+    seed: int | None = None,
+) -> DataLoader:
+    """A drop-in for the book's function: a ``DataLoader`` of ``(inputs, targets)`` GPT-2 windows of ``txt``.
 
-    With ``shuffle=False`` the batches equal the book's exactly. With ``shuffle=True`` every window of
-    the text is permuted by ``seed`` (the book draws from torch's global generator instead).
-    ``num_workers`` is accepted for compatibility; the text is already in memory, so it runs in-process.
+    ``len``, ``.dataset``, ``.batch_size`` and ``Subset`` behave as the book's, and so does
+    ``shuffle=True``: under the same ``torch.manual_seed`` the batches equal the book's bit for bit.
+    ``seed`` (not in the book) shuffles from a generator of its own instead of torch's global one.
     """
     if not isinstance(txt, str):
         raise TypeError(f"txt must be a str, got {type(txt).__name__}")
-    document = IterableWrapper([{"text": txt, "source": "<txt>"}])
-    # The book encodes with allowed_special={"<|endoftext|>"}; so does the drop-in.
-    encoded = BpeEncode(document, encoding="gpt2", allowed_special=["<|endoftext|>"])
-    windows = SlidingWindow(encoded, max_length=max_length, stride=stride)
-    # Every window of the text in one shuffled group (at most one window per byte).
-    batches = Batch(
-        windows, batch_size, drop_last=drop_last, shuffle=shuffle, seed=seed, shuffle_windows=max(1, len(txt.encode()))
-    )
-    return BookLoader(Pipeline(batches))
+    for field, value in (("batch_size", batch_size), ("max_length", max_length), ("stride", stride)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{field} must be a positive integer, got {value!r}")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    dataset = GPTDatasetV1(encode_text(txt), max_length, stride)
+    return DataLoader(dataset, batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
+                      generator=generator)

@@ -30,8 +30,8 @@ class BpeEncode(Stage[dict]):
         encoding: a tiktoken encoding name, loaded offline (see ``stages.encoding``).
         encoding_files: local copies of the encoding's files, by file name.
         eot: put ``<|endoftext|>`` between documents.
-        allowed_special: special tokens to honour when their text appears in a document (``all``, or
-            a list); by default such text is encoded as plain text, safe for web text.
+        allowed_special: special tokens to honour when their text appears in a document (``all``, one
+            name, or a list); by default such text is encoded as plain text, safe for web text.
         num_threads: encode threads.
         batch_bytes: text encoded per call.
     """
@@ -54,7 +54,9 @@ class BpeEncode(Stage[dict]):
         self.source = source
         self.encoding = load_encoding(encoding, encoding_files)
         special = self.encoding.special_tokens_set
-        self.allowed_special = special if allowed_special == "all" else set(allowed_special)
+        one = isinstance(allowed_special, str) and allowed_special != "all"  # a token's name, not its characters
+        names = {allowed_special} if one else set(allowed_special)
+        self.allowed_special = special if allowed_special == "all" else names
         if not self.allowed_special <= special:
             raise FieldError(
                 "allowed_special",

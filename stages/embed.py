@@ -114,6 +114,8 @@ def resolve_device(device: str) -> torch.device:
         resolved = torch.device(device)
     except RuntimeError as e:
         raise FieldError("device", f"device {device!r}: {e}") from None
+    if resolved.type == "meta":  # tensors without data: every embedding would be a placeholder
+        raise FieldError("device", f"device {device!r}: the meta device holds no data; use auto, cpu or cuda")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise FieldError("device", f"device {device!r}: CUDA is not available on this machine (use auto or cpu)")
     return resolved

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.registry import register
-from pipeline.schema import FieldError, one_of
+from pipeline.schema import FieldError, check_seed, one_of
 from pipeline.shard import resolve_rank, worker_slot
 from pipeline.stage import RunContext, Stage
 
@@ -43,8 +43,10 @@ class Mix(Stage[dict]):
         if len(weights) != len(sources) or not sources:
             raise FieldError("weights",
                              f"weights needs one weight per input: {len(sources)} inputs, {len(weights)} weights")
-        if any(isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0 for w in weights):
-            raise FieldError("weights", f"weights must be positive numbers, got {weights!r}")
+        if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < math.inf for w in weights) \
+                or not math.isfinite(sum(weights)):
+            raise FieldError("weights", f"weights must be positive finite numbers, with a finite sum, got {weights}")
+        check_seed(seed)
         self.sources = list(sources)
         names = [getattr(source, "name", str(i)) for i, source in enumerate(self.sources)]
         self.stats.labels.update({f"from_{name}": f"items from {name}" for name in names})

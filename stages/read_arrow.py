@@ -190,6 +190,9 @@ class ReadArrow(ShardedSource, Stage[dict]):
             self._load(file, unit[1])
         row = position or 0
         texts, meta = self._rows
+        if not 0 <= row <= len(texts):
+            raise self.error(f"the state's position {row!r} is not a row of this shard ({len(texts)} rows)", file.path,
+                             f"shard {unit[1]}")
         while row < len(texts) and texts[row] is None:
             if self.on_null == "error":
                 raise self.error(

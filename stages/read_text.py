@@ -8,12 +8,13 @@ import threading
 
 from pipeline import storage
 from pipeline.registry import register
-from pipeline.schema import Positive, one_of
+from pipeline.schema import FieldError, Positive, one_of
 from pipeline.shard import ShardedSource
 from pipeline.stage import Stage
 from pipeline.storage import expand_paths, open_input
 
 DECODE_POLICIES = ("strict", "replace", "skip")
+MAX_CHUNK_BYTES = 1 << 30
 _SPACE = re.compile(rb"[ \n]")
 
 # Decode-error handlers that count what they replace or drop (per thread: encode threads decode too).
@@ -121,6 +122,8 @@ class ReadText(ShardedSource, Stage[dict]):
     ):
         super().__init__()
         one_of("errors", errors, DECODE_POLICIES)
+        if chunk_bytes > MAX_CHUNK_BYTES:  # a buffer of this size is allocated for each read
+            raise FieldError("chunk_bytes", f"chunk_bytes must be at most {MAX_CHUNK_BYTES} (1 GiB), got {chunk_bytes}")
         self.files = expand_paths(paths)
         self.chunk_bytes, self.errors, self.shard_bytes = chunk_bytes, errors, shard_bytes
         self.stats.labels["invalid_utf8"] = f"invalid UTF-8 sequences ({errors})"
@@ -137,6 +140,9 @@ class ReadText(ShardedSource, Stage[dict]):
         if self._handle is None:  # a new unit (or a restored one): find where it really ends
             self._open(path)
             self._end = self._snap(end)
+            if position is not None and not self._snap(start) <= position <= self._end:
+                raise self.error(f"the state's position {position!r} is not a byte of this shard unit "
+                                 f"({self._snap(start)} to {self._end})", path)
         if self._size == 0:
             self.stats["empty_documents_skipped"] += 1
             return None

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from pipeline.registry import register
-from pipeline.schema import FieldError, check_field
+from pipeline.schema import FieldError, check_seed
 from pipeline.stage import PassThrough
 
 
@@ -41,11 +41,12 @@ class Split(PassThrough[dict]):
 
     def __init__(self, source, fractions: dict[str, float], key: str | list[str] | None = None, seed: int = 0):
         super().__init__()
-        if not fractions or any(
-            isinstance(f, bool) or not isinstance(f, (int, float)) or f < 0 for f in fractions.values()
+        if not fractions or any(  # `not 0 <= f <= 1`: nan too
+            isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1 for f in fractions.values()
         ):
-            raise FieldError("fractions", f"fractions must map branch names to non-negative numbers, got {fractions!r}")
-        check_field("seed", int, seed)
+            raise FieldError("fractions",
+                             f"fractions must map branch names to non-negative numbers up to 1, got {fractions!r}")
+        check_seed(seed)
         if abs(sum(fractions.values()) - 1) > 1e-9:
             raise FieldError("fractions", f"fractions must add up to 1, got {sum(fractions.values())} ({fractions!r})")
         self.source = source
@@ -78,7 +79,10 @@ class Split(PassThrough[dict]):
 
 
 class Branch(PassThrough[dict]):
-    """The documents of one branch of a ``split`` (built for inputs named ``<split>.<branch>``)."""
+    """The documents of one branch of a ``split`` (built for inputs named ``<split>.<branch>``).
+
+    Its source is a ``split``, or any stream of documents it tagged (``bench`` replays them from memory).
+    """
 
     type_name = "branch"
     in_workers = True
@@ -86,10 +90,10 @@ class Branch(PassThrough[dict]):
 
     def __init__(self, source: Split, branch: str):
         super().__init__()
-        if branch not in source.branches:
+        if isinstance(source, Split) and branch not in source.branches:
             raise ValueError(f"split `{source.name}` has no branch `{branch}` (branches: {', '.join(source.branches)})")
         self.source, self.branch = source, branch
-        self.name = f"{source.name}.{branch}"
+        self.name = f"{getattr(source, 'name', 'split')}.{branch}"
         self.params = {"branch": branch}
 
     def next(self) -> dict:

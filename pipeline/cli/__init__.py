@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.checkpoint import CheckpointError
 from pipeline.cli import bench, inspect, plot, prepare, reference, run
 from pipeline.registry import ConfigError
 from pipeline.stage import StageError
@@ -25,3 +26,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StageError, FileNotFoundError, ValueError, plot.PlotUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:  # not the user's input: the run itself failed
+        print(f"error: {e}", file=sys.stderr)
+        return 1

@@ -7,7 +7,7 @@ import time
 
 from torchdata.nodes import IterableWrapper
 
-from pipeline.cli.common import add_pipeline_args, encoded_tokens, open_pipeline
+from pipeline.cli.common import add_pipeline_args, encoded_tokens, open_pipeline, positive
 from pipeline.graph import Pipeline
 from pipeline.cli.plot import bench_chart, require_matplotlib
 from pipeline.schema import takes
@@ -18,7 +18,8 @@ from pipeline.workers import Workers
 def add_parser(commands) -> None:
     p = commands.add_parser("bench", help="each stage's throughput alone and in the whole; name the bottleneck")
     add_pipeline_args(p)
-    p.add_argument("--max-batches", type=int, default=200, help="batches of the whole pipeline measured (default 200)")
+    p.add_argument("--max-batches", type=positive, default=200,
+                   help="batches of the whole pipeline measured (default 200)")
     p.add_argument("--plot", metavar="FILE.png", help="draw each stage's throughput against the whole's (matplotlib)")
     p.set_defaults(handler=bench_command)
 

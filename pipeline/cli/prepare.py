@@ -30,15 +30,19 @@ def add_parser(commands) -> None:
 
 
 def prepare_command(args: argparse.Namespace) -> int:
-    m = prepare(
-        args.config,
-        args.out,
-        engine=args.engine,
-        overwrite=args.overwrite,
-        shard_tokens=args.shard_tokens,
-        overrides=args.set,
-        progress=args.progress,
-    )
+    try:
+        m = prepare(
+            args.config,
+            args.out,
+            engine=args.engine,
+            overwrite=args.overwrite,
+            shard_tokens=args.shard_tokens,
+            overrides=args.set,
+            progress=args.progress,
+        )
+    except KeyboardInterrupt:  # prepare() has removed its unfinished folder
+        print(f"prepare: interrupted; nothing written to {args.out}", file=sys.stderr)
+        return 130
     c = m["counts"]
     print(
         f"prepared {args.out} ({args.engine}): {c['documents']:,} documents, {c['tokens']:,} tokens ({m['dtype']}) in "

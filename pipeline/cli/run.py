@@ -4,28 +4,30 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import signal
 import sys
 import time
 
-from pipeline.checkpoint import load_json, save_json
-from pipeline.cli.common import add_pipeline_args, encoded_tokens, open_pipeline
+from pipeline.checkpoint import CheckpointError, load_checkpoint, save_json
+from pipeline.cli.common import add_pipeline_args, encoded_tokens, non_negative, open_pipeline, positive
 from pipeline.graph import Pipeline
 from pipeline.metrics import MetricsLog, parse_every
 from pipeline.progress import Progress, corpus_bytes
-from pipeline.stage import Stage, inputs_of, upstream_nodes
+from pipeline.stage import Stage, StageError, inputs_of, upstream_nodes
 from pipeline.workers import Workers
 
 
 def add_parser(commands) -> None:
     p = commands.add_parser("run", help="stream a pipeline and report what each stage did")
     add_pipeline_args(p)
-    p.add_argument("--max-batches", type=int, default=None, help="stop after N batches")
+    p.add_argument("--max-batches", type=non_negative, default=None, metavar="N",
+                   help="stop after N batches of this run (after --resume too: N more batches; 0: none)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress on stderr: a bar with rate and ETA on a terminal, else a line every 5 s (default)")
     p.add_argument("--checkpoint",
                    help="write the pipeline's state to this JSON file periodically and on exit, Ctrl-C or SIGTERM")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="batches between checkpoints (default 100)")
+    p.add_argument("--checkpoint-every", type=positive, default=100, help="batches between checkpoints (default 100)")
     p.add_argument("--resume", help="continue from a checkpoint written by --checkpoint")
     p.add_argument("--trace", help="append a line per batch (number and a hash of its inputs) to this file")
     p.add_argument("--metrics", metavar="FILE", help="write pipe.metrics() as JSON lines to this file (and at the end)")
@@ -42,15 +44,30 @@ def _every(text: str) -> str:
     return text
 
 
+def check_checkpoint_path(path: str) -> None:
+    """Refuse, before the run starts, a checkpoint path that could never be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--checkpoint {path}: is a directory; name a file")
+    if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--checkpoint {path}: cannot write in {folder}")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.checkpoint:
+        check_checkpoint_path(args.checkpoint)
+    saved = load_checkpoint(args.resume) if args.resume else None
     pipe = open_pipeline(args)
     print(pipe)
-    batches = 0
-    if args.resume:
-        saved = load_json(args.resume)
-        pipe.load_state_dict(saved["pipeline"])
+    batches = 0  # over all runs, as in the checkpoint; --max-batches counts this run's only
+    if saved is not None:
+        try:
+            pipe.load_state_dict(saved["pipeline"])
+        except (ValueError, StageError) as e:
+            raise ValueError(f"--resume {args.resume}: {e}") from None
         batches = saved["batches"]
         print(f"resumed from {args.resume} after batch {batches:,}")
+    resumed_at = batches
     trace = open(args.trace, "a", buffering=1) if args.trace else None  # line-buffered: one line per batch
     metrics = MetricsLog(args.metrics, args.metrics_every, batches) if args.metrics else None
     progress = Progress(*corpus_bytes(pipe.root, args.num_workers), enabled=args.progress is not False,
@@ -58,7 +75,11 @@ def run(args: argparse.Namespace) -> int:
 
     def checkpoint() -> None:
         if args.checkpoint:
-            save_json(args.checkpoint, {"pipeline": pipe.state_dict(), "batches": batches})
+            try:
+                save_json(args.checkpoint, {"pipeline": pipe.state_dict(), "batches": batches})
+            except OSError as e:  # disk full, say: the previous checkpoint is still whole (atomic rename)
+                message = f"cannot write checkpoint {args.checkpoint} after batch {batches:,}: {e}"
+                raise CheckpointError(message) from None
 
     start, first = time.perf_counter(), None
     shapes: dict[str, tuple] = {}
@@ -73,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for batch in pipe:
+        for batch in pipe if args.max_batches != 0 else ():
             first = time.perf_counter() - start if first is None else first
             batches += 1
             if isinstance(batch, dict):
@@ -85,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
             progress.update()
             if metrics is not None:
                 metrics.update(pipe, batches)
-            if stop or (args.max_batches is not None and batches >= args.max_batches):
+            if stop or (args.max_batches is not None and batches - resumed_at >= args.max_batches):
                 break
     except KeyboardInterrupt:
         print("interrupted twice: no checkpoint written", file=sys.stderr)

@@ -12,7 +12,7 @@ import pyarrow.ipc as ipc
 from stages.tokens.format import check_cache, load_manifest
 from pipeline.registry import register
 from pipeline.schema import FieldError, Positive
-from pipeline.shard import Reader
+from pipeline.shard import Reader, check_restored
 from pipeline.stage import Stage
 from stages.sliding_window import input_tokens
 
@@ -205,6 +205,8 @@ class ReadTokens(Reader, Stage[np.ndarray]):
             self._epoch, self._position = initial_state["epoch"], initial_state["position"]
         self._g, self._G = self.slot()
         self._count = len(range(self._g, self.n_windows, self._G))  # this worker's windows
+        if initial_state is not None:
+            check_restored(self, "position", self._position, self._count)
         self._order = (
             WindowPermutation(self.n_windows, self.seed, self._epoch) if self.shuffle and self.n_windows else None
         )

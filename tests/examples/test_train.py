@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import ROOT, shared_file
 
@@ -60,8 +61,8 @@ def test_a_checkpoint_resumes_exactly(verdict_path, tmp_path, uninterrupted):
     assert losses(out) == {k: uninterrupted[k] for k in (16, 20, 24)}  # the same batches, model and optimizer
 
 
-def test_ddp_ranks_read_disjoint_data_and_keep_identical_tables(verdict_path):
-    out = run(
+def ddp(*extra: str) -> str:
+    return run(
         [
             sys.executable,
             "-m",
@@ -71,15 +72,23 @@ def test_ddp_ranks_read_disjoint_data_and_keep_identical_tables(verdict_path):
             "2",
             "examples/ddp.py",
             "--data",
-            str(verdict_path),
+            str(shared_file("the-verdict.txt")),
             *TINY,
             "--piece-bytes",
             "1024",
-            "--steps",
-            "8",
+            *extra,
         ],
         timeout=240,
     )
+
+
+@pytest.fixture(scope="module")
+def ddp_8_steps() -> str:
+    return ddp("--steps", "8")
+
+
+def test_ddp_ranks_read_disjoint_data_and_keep_identical_tables(ddp_8_steps):
+    out = ddp_8_steps
     assert sorted(losses(out)) == [1, 4, 8]
     read = {
         int(r): [tuple(unit) for unit in json.loads(units)]
@@ -93,3 +102,13 @@ def test_ddp_ranks_read_disjoint_data_and_keep_identical_tables(verdict_path):
     )  # together: all of the train text
     checks = re.findall(r"^rank=(\d) tables_identical=(\w+) model_identical=(\w+) tables_changed=(\w+)$", out, re.M)
     assert sorted(checks) == [("0", "True", "True", "True"), ("1", "True", "True", "True")], out
+
+
+def test_ddp_checkpoint_resumes_every_rank_exactly(tmp_path, ddp_8_steps):
+    checkpoint = str(tmp_path / "ddp.pt")
+    first = losses(ddp("--steps", "4", "--checkpoint", checkpoint))
+    uninterrupted = losses(ddp_8_steps)
+    assert first == {k: uninterrupted[k] for k in (1, 4)}
+    assert len(torch.load(checkpoint, weights_only=True)["data"]) == 2  # each rank's pipeline state
+    resumed = losses(ddp("--steps", "8", "--resume", checkpoint))
+    assert resumed == {8: uninterrupted[8]}  # from step 4 on: the same batches on each rank, model and optimizer

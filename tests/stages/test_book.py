@@ -138,3 +138,32 @@ def test_drop_in_shuffle_is_a_seeded_permutation(verdict_text):
     assert sorted(shuffled) == sorted(plain) and len(shuffled) == len(plain)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def test_drop_in_is_a_dataloader_like_the_books(verdict_text):
+    kwargs = dict(batch_size=3, max_length=16, stride=8, drop_last=False)
+    ours, book = pipeline.create_dataloader_v1(verdict_text, **kwargs), book_dataloader_v1(verdict_text, **kwargs)
+    assert isinstance(ours, torch.utils.data.DataLoader)
+    assert len(ours) == len(book) and len(ours.dataset) == len(book.dataset) and ours.batch_size == 3
+    for i in (0, 7, -1):
+        assert all(torch.equal(a, b) for a, b in zip(ours.dataset[i], book.dataset[i]))
+    one = torch.utils.data.DataLoader(torch.utils.data.Subset(ours.dataset, range(1)), batch_size=1)
+    assert [x.tolist() for x, _ in one] == [[book.dataset[0][0].tolist()]]
+
+
+def test_drop_in_windows_are_views_of_one_token_array(verdict_text):
+    dataset = pipeline.create_dataloader_v1(verdict_text, max_length=256, stride=1).dataset
+    storage = dataset.ids.untyped_storage().data_ptr()
+    assert len(dataset) == 5145 - 256  # every window, each a view: memory O(tokens)
+    assert all(dataset[i][j].untyped_storage().data_ptr() == storage for i in (0, 100, -1) for j in (0, 1))
+
+
+def test_drop_in_shuffles_as_the_book_under_the_same_global_seed(verdict_text):
+    for batch_size, max_length, stride, drop_last in [(8, 4, 4, True), (4, 16, 7, False), (1, 256, 256, True)]:
+        kwargs = dict(batch_size=batch_size, max_length=max_length, stride=stride, shuffle=True, drop_last=drop_last)
+        ours, book = pipeline.create_dataloader_v1(verdict_text, **kwargs), book_dataloader_v1(verdict_text, **kwargs)
+        for epoch_seed in (123, 7):
+            torch.manual_seed(epoch_seed)
+            ours_batches = list(ours)
+            torch.manual_seed(epoch_seed)
+            _assert_same_batches(ours_batches, book)
