@@ -131,8 +131,9 @@ class ShardedSource(Reader):
         self._assigned = assign_units(len(self.units), *self.slot(), self.shuffle, self.seed, self._epoch, self.name)
         if initial_state is not None:
             check_restored(self, "index", self._index, len(self._assigned))
-            if self._position is not None:
-                check_restored(self, "position", self._position, 2**63 - 1)
+            if self._position is not None:  # an integer, or a list of them (read_jsonl's [offset, record])
+                for value in self._position if isinstance(self._position, list) else [self._position]:
+                    check_restored(self, "position", value, 2**63 - 1)
 
     def get_state(self) -> dict:
         return {"epoch": self._epoch, "index": self._index, "position": self._position}
