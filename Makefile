@@ -26,6 +26,8 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed-ray
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
+	# the tiktoken path alone, as where gigatoken is not installed
+	TEXTPIPE_GIGATOKEN=0 $(BIN)/python -m pytest -q tests/stages/test_bpe_encode.py
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/first_batch.py --sizes 10MB 100MB

@@ -1,4 +1,11 @@
-"""The token stream of many documents: ``<|endoftext|>`` between them, not inside one."""
+"""The token stream of many documents: ``<|endoftext|>`` between them, not inside one.
+
+A tokens item (what ``bpe_encode`` and ``word_encode`` give) is a dict with ``ids`` (numpy ``int32``)
+and ``starts`` (numpy ``int64``): the offsets in ``ids`` where a document's own tokens begin (after
+its separator). An item per document carries the document's other fields but ``text``; a block
+(``bpe_encode(blocks=True)``) holds many documents and only ``ids`` and ``starts``. Read both with
+``document_ids``.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +14,30 @@ from typing import Any
 
 import numpy as np
 
+_NO_START = np.zeros(0, dtype=np.int64)
+_STARTS = (np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.int64))  # shared by items, so read-only
+for _starts in (_NO_START, *_STARTS):
+    _starts.flags.writeable = False
+
+
+def document_ids(item: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A tokens item's ids (``int32``) and the offsets in them where documents start (``int64``).
+
+    Every document of the stream starts at exactly one offset of one item; an item that continues
+    the previous one's document (the next piece of a file) has no start at 0.
+    """
+    return item["ids"], item["starts"]
+
+
+def split_joined(joined: np.ndarray, eot_id: int) -> list[np.ndarray]:
+    """The ids of texts encoded joined by ``<|endoftext|>`` (none holding it), split back at its id (``int32``)."""
+    first, *rest = np.split(joined.astype(np.int32, copy=False), np.flatnonzero(joined == eot_id))
+    return [first] + [piece[1:] for piece in rest]  # each later piece starts with the separator
+
 
 def mix_tokens(stats: Counter) -> dict[str, float]:
     """An encoder's metrics: ``<input>/tokens`` and ``<input>/token_share`` for each input of a mix upstream."""
-    counts = {key[len("tokens_from_"):]: n for key, n in stats.items() if key.startswith("tokens_from_")}
+    counts = {key[len("tokens_from_") :]: n for key, n in stats.items() if key.startswith("tokens_from_")}
     total = sum(counts.values())
     out = {f"{name}/tokens": n for name, n in counts.items()}
     out.update({f"{name}/token_share": n / total for name, n in counts.items()})
@@ -27,16 +54,46 @@ class Separators:
 
     def __init__(self, eot_id: int, enabled: bool = True):
         self.eot_id, self.enabled = eot_id, enabled
+        self._separator = np.array([eot_id], dtype=np.int32)
         self.previous: list | None = None
+
+    def _start(self, doc: dict) -> tuple[bool, bool]:
+        """Whether ``doc`` starts a document, and whether a separator goes before it."""
+        continues = self.previous is not None and [doc.get("source"), doc.get("offset")] == self.previous
+        separated = self.enabled and self.previous is not None and not continues
+        self.previous = [doc.get("source"), doc.get("end", -1)]
+        return not continues, separated
 
     def item(self, doc: dict, ids: np.ndarray, stats: Counter) -> dict[str, Any]:
         """The encode stage's output for ``doc`` and its ``ids``, counting documents and tokens."""
-        continues = self.previous is not None and [doc.get("source"), doc.get("offset")] == self.previous
-        if self.enabled and self.previous is not None and not continues:
-            ids = np.concatenate([np.array([self.eot_id], dtype=np.int32), ids])
-        self.previous = [doc.get("source"), doc.get("end", -1)]
-        stats["documents"] += not continues
+        starts, separated = self._start(doc)
+        if separated:
+            ids = np.concatenate([self._separator, ids])
+        stats["documents"] += starts
         stats["tokens"] += len(ids)
         if "mix" in doc:  # drawn by a mix stage: tokens per input, for metrics
             stats[f"tokens_from_{doc['mix']}"] += len(ids)
-        return {"ids": ids, **{k: v for k, v in doc.items() if k != "text"}}
+        return {
+            "ids": ids,
+            "starts": _STARTS[separated] if starts else _NO_START,
+            **{k: v for k, v in doc.items() if k != "text"},
+        }
+
+    def block(self, docs: list[dict], ids: list[np.ndarray], stats: Counter) -> dict[str, Any]:
+        """One item for many documents: their ids joined (separators between) and where each starts."""
+        parts, starts, at = [], [], 0
+        for doc, piece in zip(docs, ids):
+            begins, separated = self._start(doc)
+            if separated:
+                parts.append(self._separator)
+                at += 1
+            if begins:
+                starts.append(at)
+            if "mix" in doc:  # drawn by a mix stage: tokens per input, for metrics
+                stats[f"tokens_from_{doc['mix']}"] += len(piece) + separated
+            parts.append(piece)
+            at += len(piece)
+        joined = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+        stats["documents"] += len(starts)
+        stats["tokens"] += len(joined)
+        return {"ids": joined, "starts": np.array(starts, dtype=np.int64)}

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from stages.fast_bpe import gigatoken_installed
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -37,3 +39,13 @@ def in_root(monkeypatch):
     """Run from the project root, where the example configs' relative paths point."""
     monkeypatch.chdir(ROOT)
     return ROOT
+
+
+# Encode tests run with each backend; TEXTPIPE_GIGATOKEN=0 (as `make test` does once) leaves tiktoken alone.
+BACKENDS = ["tiktoken"] + (["gigatoken"] if gigatoken_installed() else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    """Each ``bpe_encode`` backend available here, by name."""
+    return request.param

@@ -160,6 +160,8 @@ def prepare(
         raise PrepareError(
             f"stage `{output}` ({encode.type_name}) has no BPE encoding to record; prepare supports bpe_encode"
         )
+    if getattr(encode, "blocks", False):
+        raise PrepareError(f"stage `{output}`: prepare writes a row per document; set blocks: false for it")
     encoding = encoding_identity(encode.encoding)
     dtype = token_dtype(encoding["n_vocab"])
     readers = [n for n in upstream_nodes(pipe.root) if isinstance(n, Reader)]

@@ -20,8 +20,11 @@ def test_verdict_encodes_to_5145_tokens(verdict_text):
     assert len(load_encoding("gpt2").encode(verdict_text)) == 5145
 
 
-def test_verdict_stream_has_5145_tokens(in_root):
-    pipe = Pipeline.from_config("examples/verdict.yaml", output="encode")
+def test_verdict_stream_has_5145_tokens(in_root, backend):
+    with open("examples/verdict.yaml") as f:
+        config = yaml.safe_load(f)
+    config["stages"]["encode"]["backend"] = backend
+    pipe = Pipeline.from_config(config, output="encode")
     ids = torch.cat([torch.from_numpy(doc["ids"]) for doc in pipe])
     assert len(ids) == 5145
     assert ids[:4].tolist() == FIRST_INPUTS[0]

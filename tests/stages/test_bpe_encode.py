@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.util
+import multiprocessing
 import os
 import random
 import socket
@@ -11,7 +13,7 @@ import socket
 import numpy as np
 import pytest
 import tiktoken.load
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torchdata.nodes import IterableWrapper, Loader
 
@@ -19,8 +21,11 @@ from pipeline import StageError
 from stages import encoding as encoding_module
 from stages.bpe_encode import BpeEncode
 from stages.encoding import EncodingFileMissing, load_encoding
+from stages.separators import document_ids
 from stages.read_text import ReadText
 from stages.runs import MAX_RUN, UncuttableRun, cut_long_runs, has_long_run
+from tests.conftest import BACKENDS
+from tests.resume import check_resume
 
 ENC = load_encoding("gpt2")
 EOT = 50256
@@ -84,10 +89,10 @@ def flat(items: list[dict]) -> list[int]:
 
 
 @pytest.mark.parametrize("batch_bytes,num_threads", [(200, 2), (1, 1), (1 << 20, 2), (37, 3)])
-def test_many_small_documents(batch_bytes, num_threads):
+def test_many_small_documents(batch_bytes, num_threads, backend):
     texts = random_texts(500)
     assert sum(EOT_TEXT in t for t in texts) > 10 and sum(t == "" for t in texts) > 3  # the mix is there
-    out = encode_all(texts, batch_bytes=batch_bytes, num_threads=num_threads)
+    out = encode_all(texts, batch_bytes=batch_bytes, num_threads=num_threads, backend=backend)
     assert flat(out) == book_stream(texts, ENC.encode_ordinary)
     # one item per document, in order, its own ids (with the separator in front)
     assert len(out) == len(texts)
@@ -98,16 +103,16 @@ def test_many_small_documents(batch_bytes, num_threads):
         assert "text" not in item and item["source"] == "s"
 
 
-def test_without_eot_no_separators():
+def test_without_eot_no_separators(backend):
     texts = random_texts(200, seed=1)
-    out = encode_all(texts, eot=False, batch_bytes=50)
+    out = encode_all(texts, eot=False, batch_bytes=50, backend=backend)
     assert flat(out) == book_stream(texts, ENC.encode_ordinary, eot=False)
 
 
 @pytest.mark.parametrize("allowed", ["all", ["<|endoftext|>"]])
-def test_allowed_special_makes_the_literal_a_token(allowed):
+def test_allowed_special_makes_the_literal_a_token(allowed, backend):
     texts = random_texts(300, seed=2)
-    out = encode_all(texts, allowed_special=allowed, batch_bytes=200)
+    out = encode_all(texts, allowed_special=allowed, batch_bytes=200, backend=backend)
     expected = book_stream(texts, lambda t: ENC.encode(t, allowed_special="all"))
     assert flat(out) == expected
     # and that is the documents joined by <|endoftext|>, encoded with the special token allowed
@@ -115,20 +120,20 @@ def test_allowed_special_makes_the_literal_a_token(allowed):
     assert flat(out).count(EOT) == len(texts) - 1 + sum(t.count(EOT_TEXT) for t in texts)
 
 
-def test_the_literal_is_plain_text_by_default():
+def test_the_literal_is_plain_text_by_default(backend):
     text = f"before {EOT_TEXT} after{EOT_TEXT}"
     for kwargs in ({}, {"batch_bytes": 1}):
-        out = encode_all(["first", text, "last"], **kwargs)
+        out = encode_all(["first", text, "last"], backend=backend, **kwargs)
         ids = out[1]["ids"].tolist()
         assert ids == [EOT] + ENC.encode_ordinary(text)
         assert EOT not in ids[1:] and len(ids) > 3
         assert flat(out).count(EOT) == 2  # the two separators only
 
 
-def test_empty_and_whitespace_documents_keep_their_separators():
+def test_empty_and_whitespace_documents_keep_their_separators(backend):
     texts = ["", "", " ", "a", "", "\n"]
-    assert flat(encode_all(texts, batch_bytes=1)) == book_stream(texts, ENC.encode_ordinary)
-    assert flat(encode_all(texts)) == book_stream(texts, ENC.encode_ordinary)
+    assert flat(encode_all(texts, batch_bytes=1, backend=backend)) == book_stream(texts, ENC.encode_ordinary)
+    assert flat(encode_all(texts, backend=backend)) == book_stream(texts, ENC.encode_ordinary)
 
 
 @pytest.mark.parametrize("bad", [{"source": "f.txt", "record": 7}, {"text": 5, "source": "f.txt"}, "just a string"])
@@ -239,10 +244,11 @@ def test_encoding_files_with_wrong_content_fail_the_hash_check(cache_dir, tmp_pa
     assert os.listdir(cache_dir) == []  # nothing bad was cached
 
 
-def test_encoding_files_give_a_working_encoding(cache_dir, tmp_path):
+def test_encoding_files_give_a_working_encoding(cache_dir, tmp_path, backend):
     path = r50k_file(tmp_path / "r50k_base.tiktoken")
     texts = random_texts(100, seed=5)
-    out = encode_all(texts, encoding="r50k_base", encoding_files={"r50k_base.tiktoken": path}, batch_bytes=64)
+    files = {"r50k_base.tiktoken": path}
+    out = encode_all(texts, encoding="r50k_base", encoding_files=files, batch_bytes=64, backend=backend)
     assert flat(out) == book_stream(texts, ENC.encode_ordinary)  # r50k_base is GPT-2's vocabulary
 
 
@@ -338,3 +344,121 @@ def test_a_run_with_no_exact_cut_is_a_stage_error_naming_file_and_byte(tmp_path)
     message = str(info.value)
     assert "stage 'encode'" in message and "runs.txt" in message
     assert f"byte {len(prefix.encode()) - 10}" in message and "1,000,010 whitespace characters" in message
+
+
+# --- backends -----------------------------------------------------------------------------------
+
+HOSTILE = [" ", "  ", "   ", "\n", "\r\n", "\r", "\t", "\u00a0", "\u3000", "\u2028", "\x85", "\x1c", "\u200d", "'s",
+           "'LL", "42", "٣", "é", "e\u0301", "ﬁ", "中文", "😀", "👩‍👩‍👧", "🇫🇷",
+           "\U0010fffd", "\x00", ".", "!!", EOT_TEXT, "<|"]
+hostile = st.text(st.characters(codec="utf-8"), max_size=200) | st.lists(st.sampled_from(HOSTILE), max_size=80).map(
+    "".join
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(hostile, min_size=1, max_size=12), batch_bytes=st.sampled_from([1, 64, 1 << 20]))
+def test_every_backend_gives_tiktokens_ids_on_hostile_text(backend, texts, batch_bytes):
+    out = encode_all(texts, batch_bytes=batch_bytes, backend=backend)
+    expected = [([EOT] if i else []) + ENC.encode_ordinary(t) for i, t in enumerate(texts)]
+    assert [item["ids"].tolist() for item in out] == expected
+
+
+@pytest.mark.skipif("gigatoken" not in BACKENDS, reason="gigatoken is not installed or is disabled")
+def test_auto_takes_gigatoken_when_it_is_there():
+    assert BpeEncode(documents(["x"])).backend == "gigatoken"
+    assert BpeEncode(documents(["x"]), backend="tiktoken").backend == "tiktoken"
+
+
+def test_auto_without_gigatoken_is_tiktoken_with_a_notice(monkeypatch):
+    monkeypatch.setenv("TEXTPIPE_GIGATOKEN", "0")
+    with pytest.warns(UserWarning, match="gigatoken is disabled.*tiktoken"):
+        node = BpeEncode(documents(["x"]))
+    assert node.backend == "tiktoken"
+    with pytest.raises(ValueError, match="backend `gigatoken`: gigatoken is disabled"):
+        BpeEncode(documents(["x"]), backend="gigatoken")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)  # as if uninstalled
+    monkeypatch.delenv("TEXTPIPE_GIGATOKEN")
+    with pytest.warns(UserWarning, match="gigatoken is not installed"):
+        assert BpeEncode(documents(["x"])).backend == "tiktoken"
+
+
+def test_an_encoding_gigatoken_does_not_implement(cache_dir, tmp_path):
+    files = {"p50k_base.tiktoken": p50k_file(tmp_path / "p50k_base.tiktoken")}
+    if "gigatoken" in BACKENDS:
+        with pytest.warns(UserWarning, match="does not implement encoding `p50k_edit`"):
+            assert BpeEncode(documents(["x"]), encoding="p50k_edit", encoding_files=files).backend == "tiktoken"
+    with pytest.raises(ValueError, match="backend `gigatoken`: gigatoken"):
+        BpeEncode(documents(["x"]), encoding="p50k_edit", encoding_files=files, backend="gigatoken")
+    with pytest.raises(ValueError, match="auto, tiktoken, gigatoken"):
+        BpeEncode(documents(["x"]), backend="fast")
+
+
+@pytest.mark.skipif("gigatoken" not in BACKENDS, reason="gigatoken is not installed or is disabled")
+def test_gigatoken_is_built_anew_every_refresh_bytes():
+    texts = random_texts(400, seed=7)
+    node = BpeEncode(documents(texts), backend="gigatoken", batch_bytes=100, refresh_bytes=500)
+    builds, new = [], node._fast._new
+    node._fast._new = lambda: builds.append(1) or new()
+    assert flat(list(Loader(node))) == book_stream(texts, ENC.encode_ordinary)
+    size = sum(map(len, texts))
+    assert size // 1000 < len(builds) <= 2 * (size // 500 + 2)  # per thread, one per ~500 characters
+
+
+def _encode_in_child(node, queue) -> None:
+    queue.put(flat(list(Loader(node))))
+
+
+@pytest.mark.timeout(60)
+def test_an_encoder_used_before_a_fork_still_encodes_in_the_child(backend):
+    texts = random_texts(300, seed=8)
+    node = BpeEncode(documents(texts), backend=backend, batch_bytes=100)
+    assert flat(list(Loader(node))) == book_stream(texts, ENC.encode_ordinary)  # the parent's pool is running
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_encode_in_child, args=(node, queue))
+    child.start()
+    assert queue.get(timeout=50) == book_stream(texts, ENC.encode_ordinary)
+    child.join()
+
+
+# --- blocks and document starts -----------------------------------------------------------------
+
+
+def starts_of(items: list[dict]) -> list[int]:
+    """Where each document starts in the whole stream, read through ``document_ids``."""
+    out, at = [], 0
+    for item in items:
+        ids, starts = document_ids(item)
+        out += (starts + at).tolist()
+        at += len(ids)
+    return out
+
+
+@pytest.mark.parametrize("eot", [True, False])
+def test_blocks_hold_the_same_stream_with_document_starts(backend, eot):
+    texts = random_texts(600, seed=9)
+    per_document = encode_all(texts, batch_bytes=300, backend=backend, eot=eot)
+    blocks = encode_all(texts, batch_bytes=300, backend=backend, eot=eot, blocks=True)
+    assert 5 < len(blocks) < len(texts)
+    assert flat(blocks) == flat(per_document) == book_stream(texts, ENC.encode_ordinary, eot=eot)
+    # each document starts after its separator; the book's stream, built plainly, says where
+    expected, at = [], 0
+    for i, text in enumerate(texts):
+        at += bool(eot and i)
+        expected.append(at)
+        at += len(ENC.encode_ordinary(text))
+    assert starts_of(blocks) == starts_of(per_document) == expected
+
+
+def test_pieces_of_one_file_start_one_document(shakespeare_path, backend):
+    reader = lambda: ReadText([str(shakespeare_path)], chunk_bytes=4096)  # noqa: E731
+    for blocks in (False, True):
+        out = list(Loader(BpeEncode(reader(), batch_bytes=50_000, backend=backend, blocks=blocks)))
+        assert len(out) > 3 and starts_of(out) == [0]
+
+
+def test_blocks_resume_exactly():
+    texts = random_texts(300, seed=10)
+    reference = check_resume(lambda: BpeEncode(documents(texts), batch_bytes=200, blocks=True))
+    assert len(reference) > 5

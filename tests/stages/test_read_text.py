@@ -85,9 +85,10 @@ def test_shakespeare_in_4k_pieces(shakespeare_path):
     assert [t for p in pieces for t in ENC.encode_ordinary(p["text"])] == whole
 
 
-def test_shakespeare_through_bpe_encode(shakespeare_path):
+def test_shakespeare_through_bpe_encode(shakespeare_path, backend):
     whole = ENC.encode_ordinary(shakespeare_path.read_text(encoding="utf-8"))
-    out = list(Loader(BpeEncode(ReadText([str(shakespeare_path)], chunk_bytes=4096), batch_bytes=10_000)))
+    reader = ReadText([str(shakespeare_path)], chunk_bytes=4096)
+    out = list(Loader(BpeEncode(reader, batch_bytes=10_000, backend=backend)))
     assert len(out) > 100
     assert all(item["ids"].dtype == np.int32 for item in out)
     assert joined_ids(out) == whole  # pieces of one file: no <|endoftext|> between them

@@ -1,0 +1,181 @@
+"""Side by side, tokens/s on the same Arrow documents: raw encoders, this pipeline, Hugging Face ``datasets``.
+
+    python benchmarks/side_by_side.py --size 100MB --repeats 3 [--chart bench-out/side_by_side.png]
+
+Every measurement is a fresh process; the runs are interleaved (each repeat runs every row once, in
+order) and the table shows medians with the ratios to raw gigatoken and to ``datasets``.
+
+- tiktoken: the documents joined into ~1 MB chunks, ``encode_ordinary_batch(chunks, num_threads=2)``.
+- gigatoken: the documents as they are, ``Tokenizer.encode_batch`` on all cores, built from GPT-2's ranks.
+  (both raw rows read the texts into memory first, untimed)
+- pipeline, N workers: ``read_arrow -> bpe_encode(blocks=True) -> sliding_window(256, 256) -> batch(8)``, from
+  ``Pipeline(...)`` to the last batch; ``+ embed 768`` adds the embed stage (d_model 768, CPU, no grad).
+- datasets: ``load_dataset("arrow", streaming=True)`` with one batched map that tokenizes (tiktoken,
+  2 threads) and cuts rows of 257 tokens, read 8 rows at a time.
+
+Tokens/s counts the tokens of the output (batches' inputs for ours and datasets', all ids for the
+raw rows). The machine is shared: trust the ratios of one run more than absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "data"), str(ROOT / "benchmarks")]
+from throughput import CHUNK, DEFAULT_SOURCE, OUT, arrow_corpus, read_texts  # noqa: E402
+
+B, L = 8, 256
+ROWS = ["tiktoken", "gigatoken", "pipeline-0", "pipeline-2", "embed-0", "embed-2", "datasets"]
+LABELS = {
+    "tiktoken": "raw tiktoken, 2 threads, 1 MB chunks",
+    "gigatoken": "raw gigatoken, all cores",
+    "pipeline-0": "pipeline to batch, 0 workers",
+    "pipeline-2": "pipeline to batch, 2 workers",
+    "embed-0": "pipeline to embed 768, 0 workers",
+    "embed-2": "pipeline to embed 768, 2 workers",
+    "datasets": "HF datasets streaming, fused map",
+}
+
+
+def raw_tiktoken(corpus: Path) -> tuple[int, float]:
+    from stages.encoding import load_encoding
+
+    texts, chunks, current = read_texts(corpus), [], []
+    for text in texts:
+        current.append(text)
+        if sum(map(len, current)) >= CHUNK:
+            chunks.append("\n\n".join(current))
+            current = []
+    chunks += ["\n\n".join(current)] if current else []
+    enc = load_encoding("gpt2")
+    start = time.perf_counter()
+    ids = enc.encode_ordinary_batch(chunks, num_threads=2)
+    return sum(map(len, ids)), time.perf_counter() - start
+
+
+def raw_gigatoken(corpus: Path) -> tuple[int, float]:
+    from stages.encoding import load_encoding
+    from stages.fast_bpe import TiktokenRanks
+
+    texts = read_texts(corpus)
+    tok = TiktokenRanks(load_encoding("gpt2"), "gpt2", 1 << 62)._new()  # gigatoken.Tokenizer.from_tiktoken
+    start = time.perf_counter()
+    out = tok.encode_batch(texts)
+    import awkward as ak
+
+    return int(ak.sum(ak.num(out, axis=1))), time.perf_counter() - start
+
+
+def pipeline(corpus: Path, workers: int, embed: bool) -> tuple[int, float]:
+    import torch
+
+    from pipeline import Pipeline
+    from stages import Batch, BpeEncode, Embed, ReadArrow, SlidingWindow
+
+    torch.set_grad_enabled(False)
+    start = time.perf_counter()
+    node = Batch(SlidingWindow(BpeEncode(ReadArrow([str(corpus)]), blocks=True), max_length=L, stride=L), batch_size=B)
+    if embed:
+        node = Embed(node, vocab_size=50257, d_model=768, context_length=L)
+    tokens = sum(batch["inputs"].numel() for batch in Pipeline(node, num_workers=workers))
+    return tokens, time.perf_counter() - start
+
+
+def hf_datasets(corpus: Path) -> tuple[int, float]:
+    import datasets
+
+    from stages.encoding import load_encoding
+
+    datasets.disable_progress_bars()
+    enc = load_encoding("gpt2")
+    files = [str(p) for p in sorted(corpus.glob("part-*.arrow"))]
+    start = time.perf_counter()
+
+    def tokenize_and_chunk(batch: dict) -> dict:
+        ids = [i for doc in enc.encode_ordinary_batch(batch["text"], num_threads=2) for i in doc + [enc.eot_token]]
+        return {"ids": [ids[i : i + L + 1] for i in range(0, len(ids) - L, L)]}  # as the book: a shared token
+
+    ds = datasets.load_dataset("arrow", data_files=files, split="train", streaming=True)
+    ds = ds.map(tokenize_and_chunk, batched=True, batch_size=1000, remove_columns=["id", "text", "source"])
+    tokens = sum(len(batch["ids"]) * L for batch in ds.iter(batch_size=B))
+    return tokens, time.perf_counter() - start
+
+
+def child(row: str, corpus: Path) -> dict:
+    if row == "tiktoken":
+        tokens, seconds = raw_tiktoken(corpus)
+    elif row == "gigatoken":
+        tokens, seconds = raw_gigatoken(corpus)
+    elif row == "datasets":
+        tokens, seconds = hf_datasets(corpus)
+    else:
+        kind, workers = row.split("-")
+        tokens, seconds = pipeline(corpus, int(workers), kind == "embed")
+    return {"row": row, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
+
+
+def chart(medians: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(medians)[::-1]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1))
+    ax.barh(
+        [LABELS[r] for r in rows],
+        [medians[r] / 1e6 for r in rows],
+        color=["tab:orange" if r.startswith(("pipeline", "embed")) else "tab:gray" for r in rows],
+    )
+    ax.set_xlabel("M tokens/s (median)")
+    ax.set_title("GPT-2 BPE, Arrow documents -> [8, 256] batches")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="100MB", help="Arrow corpus size (data/make_corpus.py, cached in bench-out/)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
+    ap.add_argument("--chart", type=Path, default=OUT / "side_by_side.png", help="PNG of the table (needs matplotlib)")
+    ap.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
+    ap.add_argument("--child", choices=ROWS, help=argparse.SUPPRESS)
+    ap.add_argument("--corpus", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, Path(args.corpus))))
+        return
+    corpus = arrow_corpus(args.source, args.size)
+    runs: dict[str, list[float]] = {row: [] for row in args.rows}
+    for repeat in range(args.repeats):
+        for row in args.rows:
+            cmd = [sys.executable, __file__, "--child", row, "--corpus", str(corpus)]
+            result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            runs[row].append(result["tok_s"])
+            print(
+                f"repeat {repeat + 1}: {row:<11} {result['tok_s'] / 1e6:6.2f} M tokens/s", file=sys.stderr, flush=True
+            )
+    medians = {row: statistics.median(rates) for row, rates in runs.items()}
+    base, hf = medians.get("gigatoken"), medians.get("datasets")
+    print(f"\n{args.size} Arrow corpus, medians of {args.repeats} interleaved repeats\n")
+    print("| run | M tokens/s | x raw gigatoken | x HF datasets |\n| --- | ---: | ---: | ---: |")
+    for row, rate in medians.items():
+        ratio = lambda b: f"{rate / b:.2f}" if b else "-"  # noqa: E731
+        print(f"| {LABELS[row]} | {rate / 1e6:.2f} | {ratio(base)} | {ratio(hf)} |")
+    try:
+        chart(medians, args.chart)
+        print(f"\nchart: {args.chart}")
+    except ImportError:
+        print("\n(no chart: pip install '.[bench]' for matplotlib)")
+
+
+if __name__ == "__main__":
+    main()
