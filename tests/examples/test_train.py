@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from tests.command_line import script
 from tests.conftest import ROOT, shared_file
 
 LINE = re.compile(r"^step=(\d+) train_loss=([\d.]+) val_loss=([\d.]+)$", re.M)
@@ -30,7 +31,10 @@ def losses(out: str) -> dict[int, tuple[float, float]]:
 
 
 def train(verdict_path, *extra: str) -> str:
-    return run([sys.executable, "examples/train_gpt.py", "--data", str(verdict_path), *TINY, *extra])
+    """``python examples/train_gpt.py`` with the tiny settings, run in this process (a fresh one costs seconds)."""
+    done = script("examples/train_gpt.py", "--data", str(verdict_path), *TINY, *extra)
+    assert done.returncode == 0, f"{done.args} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import runpy
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from stages.batch import Batch
 from stages.embed import InputEmbedding
 from stages.pack import Pack
 from tests.conftest import ROOT
-from tests.examples.test_train import TINY, run
+from tests.examples.test_train import train
 
 EXAMPLE = runpy.run_path(str(ROOT / "examples" / "train_gpt.py"), run_name="train_gpt")
 EOT, T = 50256, 24
@@ -71,10 +70,8 @@ def test_document_mask_agrees_with_cu_seqlens():
 
 
 def test_train_gpt_pack_logs_tokens_used_and_cropped(verdict_path):
-    out = run([sys.executable, "examples/train_gpt.py", "--data", str(verdict_path), *TINY, "--steps", "4",
-               "--pack", "--remainder", "keep", "--piece-bytes", "512"])
+    out = train(verdict_path, "--steps", "4", "--pack", "--remainder", "keep", "--piece-bytes", "512")
     assert "pack tokens_used=" in out and "tokens_cropped=0 " in out
-    out = run([sys.executable, "examples/train_gpt.py", "--data", str(verdict_path), *TINY, "--steps", "4",
-               "--pack", "--piece-bytes", "256"])
+    out = train(verdict_path, "--steps", "4", "--pack", "--piece-bytes", "256")
     cropped = int(out.split("tokens_cropped=")[1].split()[0])
     assert cropped > 0  # one book in pieces: each piece is cropped to a row

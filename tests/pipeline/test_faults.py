@@ -22,7 +22,7 @@ from torchdata.nodes import Loader
 from pipeline import Pipeline, StageError
 from pipeline.checkpoint import load_json
 from stages import ReadArrow, ReadText
-from tests.command_line import run_process, trace_digests
+from tests.command_line import cli, run_process, trace_digests
 from tests.corpora import write_arrow_corpus
 
 LINE = "the quick brown fox jumps over the lazy dog\n"
@@ -311,9 +311,8 @@ def cli_reference(tmp_path_factory):
         "  window: {type: sliding_window, input: encode, max_length: 8, stride: 8, block_windows: 16}\n"
         "  batch: {type: batch, input: window, batch_size: 2}\n"
     )
-    full = run_process(str(config), "--num-workers", "2", "--trace", str(folder / "full.txt"))
-    out, err = full.communicate(timeout=120)
-    assert full.returncode == 0, err
+    full = cli("run", str(config), "--num-workers", "2", "--trace", str(folder / "full.txt"))  # in this process
+    assert full.returncode == 0, full.stderr
     reference = trace_digests(folder / "full.txt")
     assert len(reference) > 20_000
     return config, reference

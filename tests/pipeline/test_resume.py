@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
 from pipeline import Pipeline
-from tests.command_line import run_process, trace_digests
-from tests.conftest import ROOT
+from tests.command_line import cli, run_process, trace_digests
 from tests.corpora import write_arrow_corpus
 
 
@@ -28,18 +25,13 @@ def _config(corpus, shuffle: bool) -> dict:
     }
 
 
-def _restore_in_new_process(tmp_path, config, loader, resume: list) -> list[np.ndarray]:
-    """For each (state, count): the next ``count`` batches after restoring ``state`` in a new process."""
+def _restore_in_new_process(restorer, tmp_path, config, loader, resume: list) -> list[np.ndarray]:
+    """For each (state, count): the next ``count`` batches after restoring ``state`` in another process."""
     out = tmp_path / "rest.npz"
     spec = {"config": config, "loader": loader, "resume": resume, "out": str(out)}
-    subprocess.run(
-        [sys.executable, "-m", "tests.resume_child"],
-        input=json.dumps(spec),
-        text=True,
-        cwd=ROOT,
-        check=True,
-        timeout=300,
-    )
+    restorer.stdin.write(json.dumps(spec) + "\n")
+    restorer.stdin.flush()
+    assert restorer.stdout.readline() == f"{out}\n", f"tests.resume_child exited {restorer.poll()}"
     rests = np.load(out)
     return [rests[str(i)] for i in range(len(resume))]
 
@@ -51,7 +43,7 @@ def _take(iterator, n) -> list[np.ndarray]:
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("world_size", [1, 2])
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_resume_in_a_new_process_equals_the_uninterrupted_run(tmp_path, num_workers, world_size, shuffle):
+def test_resume_in_a_new_process_equals_the_uninterrupted_run(restorer, tmp_path, num_workers, world_size, shuffle):
     write_arrow_corpus(tmp_path / "corpus", batches_per_file=(3, 2, 4), rows_per_batch=(5, 9, 2))
     config = _config(tmp_path / "corpus", shuffle)
     loader = {"rank": world_size - 1, "world_size": world_size, "num_workers": num_workers}
@@ -73,7 +65,8 @@ def test_resume_in_a_new_process_equals_the_uninterrupted_run(tmp_path, num_work
         state = json.loads(json.dumps(pipe.state_dict()))
         assert len(json.dumps(state)) < 4096
         resume.append((state, (first - k if k < first else 0) + 5))
-    for k, (state, count), rest in zip(stops, resume, _restore_in_new_process(tmp_path, config, loader, resume)):
+    rests = _restore_in_new_process(restorer, tmp_path, config, loader, resume)
+    for k, (state, count), rest in zip(stops, resume, rests):
         expected = reference[k:first] + epochs[1][:5] if k < first else reference[k : k + 5]
         assert len(rest) == len(expected) == count
         assert all(np.array_equal(a, b) for a, b in zip(rest, expected)), f"stopped after {k}"
@@ -116,8 +109,8 @@ def _corpus_config(tmp_path, shakespeare_path) -> str:
 def test_cli_killed_and_resumed_loses_nothing(tmp_path, shakespeare_path):
     config = _corpus_config(tmp_path, shakespeare_path)
     every = 50
-    full = run_process(config, "--trace", str(tmp_path / "full.txt"))
-    assert full.wait(timeout=300) == 0, full.stderr.read()
+    full = cli("run", config, "--trace", str(tmp_path / "full.txt"))  # the reference: in this process
+    assert full.returncode == 0, full.stderr
     reference = trace_digests(tmp_path / "full.txt")
     assert len(reference) > 10_000
 
@@ -176,6 +169,6 @@ def test_cli_sigterm_writes_a_checkpoint_and_resumes(tmp_path, shakespeare_path)
         "10",
     )
     assert resumed.wait(timeout=300) == 0
-    full = run_process(config, "--trace", str(tmp_path / "full.txt"), "--max-batches", str(len(before) + 10))
-    assert full.wait(timeout=300) == 0
+    full = cli("run", config, "--trace", str(tmp_path / "full.txt"), "--max-batches", str(len(before) + 10))
+    assert full.returncode == 0
     assert before + trace_digests(tmp_path / "b.txt") == trace_digests(tmp_path / "full.txt")

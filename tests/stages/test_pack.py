@@ -249,7 +249,9 @@ def test_every_token_once_over_ranks_and_workers(tmp_path, num_workers, world_si
 
 
 @pytest.mark.parametrize("num_workers,world_size,shuffle", [(0, 1, True), (2, 2, True), (2, 1, False)])
-def test_pack_resume_in_a_new_process_equals_the_uninterrupted_run(tmp_path, num_workers, world_size, shuffle):
+def test_pack_resume_in_a_new_process_equals_the_uninterrupted_run(
+    restorer, tmp_path, num_workers, world_size, shuffle
+):
     write_arrow_corpus(tmp_path / "corpus", batches_per_file=(3, 2, 4), rows_per_batch=(5, 9, 2))
     config = _pack_config(tmp_path / "corpus", "drop", shuffle, drop_last=True)
     loader = {"rank": world_size - 1, "world_size": world_size, "num_workers": num_workers}
@@ -263,7 +265,7 @@ def test_pack_resume_in_a_new_process_equals_the_uninterrupted_run(tmp_path, num
         head = _take(iter(pipe), min(k, first)) + (_take(iter(pipe), k - first) if k > first else [])
         assert all(np.array_equal(a, b) for a, b in zip(head, epochs[0] + epochs[1]))
         resume.append((json.loads(json.dumps(pipe.state_dict())), (first - k if k < first else 0) + 5))
-    rests = _restore_in_new_process(tmp_path, config, loader, resume)
+    rests = _restore_in_new_process(restorer, tmp_path, config, loader, resume)
     for (state, count), rest, k in zip(resume, rests, (3, first - 1, first + 2)):
         expected = (epochs[0][k:] + epochs[1])[:count] if k < first else epochs[1][k - first : k - first + count]
         assert len(rest) == count and all(np.array_equal(a, b) for a, b in zip(rest, expected)), f"stopped after {k}"

@@ -24,6 +24,7 @@ from pipeline.cli import main
 from stages.tokens.prepare import MANIFEST, PrepareError, prepare, token_dtype
 from stages.encoding import load_encoding
 from stages.tokens import ReadTokens
+from tests.command_line import cli
 from tests.corpora import write_arrow_corpus, write_text_corpus
 from tests.conftest import ROOT
 
@@ -262,7 +263,7 @@ def test_a_killed_prepare_leaves_no_cache_and_a_rerun_makes_the_right_one(big_co
     assert not out.exists()  # nothing that looks like a cache
     assert list(folder.glob(".cache.prepare-*"))  # its leftovers, which the next run removes
 
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = cli(*command[3:])  # the same command again, in this process
     assert done.returncode == 0, done.stderr
     assert not list(folder.glob(".cache.*"))
     prepare(config, folder / "uninterrupted", shard_tokens=200_000)
