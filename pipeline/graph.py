@@ -11,9 +11,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
-from torchdata.nodes import BaseNode, Loader
+from torchdata.nodes import BaseNode
 
 from pipeline.config import load_config
+from pipeline.loader import Loader
 from pipeline.metrics import DataClock, collect
 from pipeline.registry import ConfigError, did_you_mean, stage_class
 from pipeline.reshard import make_seam, reader_states

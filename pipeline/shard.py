@@ -172,8 +172,9 @@ class ShardedSource(Reader):
             self._assigned = unit_lists(order, seam, G)[g]
         if initial_state is not None:
             check_restored(self, "index", self._index, len(self._assigned))
-            if self._position is not None:
-                check_restored(self, "position", self._position, 2**63 - 1)
+            if self._position is not None:  # an integer, or a list of them (read_jsonl's [offset, record])
+                for value in self._position if isinstance(self._position, list) else [self._position]:
+                    check_restored(self, "position", value, 2**63 - 1)
 
     @property
     def unit(self) -> int | None:

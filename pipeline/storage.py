@@ -17,6 +17,7 @@ import functools
 import glob
 import os
 import re
+import warnings
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -109,6 +110,7 @@ def _list_remote(uri: str, suffixes: tuple[str, ...]) -> list[str]:
 def expand_paths(paths: str | list[str], suffixes: tuple[str, ...] = ()) -> list[str]:
     """Files named by ``paths`` (files, globs, directories, local or URIs), in order; raises if one matches nothing.
 
+    A local path that exists is taken as it is, even with ``[``, ``*`` or ``?`` in its name; any other is a glob.
     In a directory (or a URI prefix), only files ending with one of ``suffixes`` are taken (all when empty).
     """
     files: list[str] = []
@@ -119,16 +121,37 @@ def expand_paths(paths: str | list[str], suffixes: tuple[str, ...] = ()) -> list
             continue
         pattern = _local(pattern)
         if os.path.isdir(pattern):
-            found = glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
-            matches = sorted(p for p in found if os.path.isfile(p) and (not suffixes or p.endswith(suffixes)))
-        elif glob.has_magic(pattern):
-            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-        else:
+            matches = sorted(p for p in _files_under(pattern) if not suffixes or p.endswith(suffixes))
+        elif os.path.isfile(pattern) or not glob.has_magic(pattern):
             matches = [pattern] if os.path.isfile(pattern) else []
+        else:
+            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         if not matches:
             raise FileNotFoundError(f"no file matches {pattern!r} (working directory {os.getcwd()})")
         files.extend(matches)
     return files
+
+
+def _files_under(folder: str) -> list[str]:
+    """The files in a local ``folder`` and its subfolders, hidden names left out as globs do.
+
+    Links to files are read; links to folders are not followed (as ``find`` and ``rsync -r`` do): a link
+    such as ``self -> .`` or ``latest -> v2`` would read files twice or more. Each skipped link is warned
+    about, naming it; name its target in ``paths`` to read it.
+    """
+    found = []
+    for top, folders, names in os.walk(folder):
+        links = sorted(d for d in folders if os.path.islink(os.path.join(top, d)) and not d.startswith("."))
+        for link in links:
+            path = os.path.join(top, link)
+            warnings.warn(
+                f"{path}: a link to a folder ({os.readlink(path)}), not followed; name its target in `paths` "
+                "to read it",
+                stacklevel=4,
+            )
+        folders[:] = [d for d in folders if not d.startswith(".") and d not in links]
+        found += [os.path.join(top, n) for n in names if not n.startswith(".") and os.path.isfile(os.path.join(top, n))]
+    return found
 
 
 def is_dir(path: str) -> bool:

@@ -11,10 +11,11 @@ import numpy as np
 
 from pipeline.registry import register
 from pipeline.schema import FieldError, Positive
-from pipeline.stage import Stage
+from pipeline.stage import Stage, StageError
 from stages.separators import Separators, mix_tokens, split_joined
 from stages.encoding import EOT_TEXT, load_encoding
 from stages.fast_bpe import BACKENDS, PRETOKENIZERS, HfTokenizer, TiktokenRanks, choose_backend, gigatoken_installed
+from stages.runs import GPT2_PATTERN, MAX_RUN, UncuttableRun, cut_long_runs, has_long_run
 
 
 @register("bpe_encode")
@@ -185,6 +186,8 @@ class BpeEncode(Stage[dict]):
                 bad.get("source"),
                 where,
             ) from None
+        except UncuttableRun as e:
+            raise self._uncuttable(next(d for d in docs if d["text"] is e.text), e) from None
         self._pending.extend(zip(states, docs, ids))
 
     def _encode(self, texts: list[str]) -> list[np.ndarray]:
@@ -197,7 +200,7 @@ class BpeEncode(Stage[dict]):
         groups: list[list[int]] = [[]]
         size = 0
         for i, text in enumerate(texts):
-            alone = self._has_special(text)
+            alone = self._has_special(text) or has_long_run(text)
             if groups[-1] and (alone or size + len(text) > self.batch_bytes):
                 groups.append([])
                 size = 0
@@ -211,7 +214,7 @@ class BpeEncode(Stage[dict]):
             self._fast.count(sum(map(len, texts)))
 
         def encode_group(group: list[int]) -> list[np.ndarray]:
-            if len(group) == 1 and (self._fast is None or self._has_special(texts[group[0]])):
+            if len(group) == 1 and (self._fast is None or self._by_tiktoken(texts[group[0]])):
                 return [self._encode_one(texts[group[0]])]
             if self._fast is not None:
                 return self._fast.encode([texts[i] for i in group])
@@ -237,9 +240,36 @@ class BpeEncode(Stage[dict]):
     def _has_special(self, text: str) -> bool:
         return any(special in text for special in self._exact)
 
+    def _by_tiktoken(self, text: str) -> bool:
+        """A text of a call of its own that tiktoken encodes whatever the backend: special text, or a
+        whitespace run too long for one call (cut where ``stages.runs`` proves the tokens unchanged)."""
+        return self._has_special(text) or (self.encoding is not None and has_long_run(text))
+
     def _encode_one(self, text: str) -> np.ndarray:
-        ids = self.encoding.encode_to_numpy(text, allowed_special=self.allowed_special, disallowed_special=())
-        return ids.astype(np.int32)
+        pieces = cut_long_runs(text, self.encoding)  # [text] but where a whitespace run is too long for tiktoken
+        ids = [
+            self.encoding.encode_to_numpy(p, allowed_special=self.allowed_special, disallowed_special=())
+            for p in pieces
+        ]
+        return np.concatenate(ids).astype(np.int32)
+
+    def _uncuttable(self, doc: dict, e: UncuttableRun) -> StageError:
+        text = doc["text"]
+        if "offset" in doc:
+            where = f"byte {doc['offset'] + len(text[: e.index].encode('utf-8', 'surrogatepass')):,}"
+        else:
+            where = (f"record {doc['record']}, " if "record" in doc else "") + f"character {e.index:,}"
+        why = (
+            f"no point within {MAX_RUN:,} characters where a cut provably leaves its tokens as they are"
+            if self.encoding.name in GPT2_PATTERN
+            else f"cuts are proven for GPT-2's pattern only, not `{self.encoding.name}`'s"
+        )
+        return self.error(
+            f"a run of {e.length:,} whitespace characters is too long for tiktoken's regex (it fails near "
+            f"1,000,000) and has {why}; shorten the run in the corpus",
+            doc.get("source"),
+            where,
+        )
 
 
 def _utf8_error(text: str) -> UnicodeEncodeError | None:

@@ -29,13 +29,23 @@ def sinusoidal_table(context_length: int, d_model: int) -> torch.Tensor:
     return table.float()
 
 
+def _embedding(rows: int, dim: int, generator: torch.Generator | None) -> nn.Embedding:
+    """An ``nn.Embedding`` drawn from ``generator``; from torch's global generator (moving it) only when None."""
+    if generator is None:
+        return nn.Embedding(rows, dim)
+    table = nn.utils.skip_init(nn.Embedding, rows, dim)  # no default draw: the global generator stays where it is
+    nn.init.normal_(table.weight, generator=generator)
+    return table
+
+
 class InputEmbedding(nn.Module):
     """``tok_emb(ids) + pos_emb(arange(T))`` as in the book's ``GPTModel``; packed rows: ``pos_emb(position_ids)``.
 
     ``pos_emb`` is an ``nn.Embedding`` for ``learned`` positions, a fixed table (``pos_table``, a
     buffer left out of ``state_dict``: it is the formula's) for ``sinusoidal``, and absent for ``none``.
-    With ``seed``, the tables are drawn from a generator seeded with it (``seed=123`` gives the book's
-    tables after ``torch.manual_seed(123)``). The output has the tables' dtype, under autocast too.
+    With ``seed``, the tables are drawn from a generator seeded with it, and only from it (``seed=123``
+    gives the book's tables after ``torch.manual_seed(123)``; torch's global generator does not move).
+    The output has the tables' dtype, under autocast too.
     """
 
     def __init__(
@@ -43,14 +53,10 @@ class InputEmbedding(nn.Module):
     ):
         super().__init__()
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        self.tok_emb = nn.Embedding(vocab_size, d_model)
-        if generator is not None:  # redraw, in the book's order, from the local generator
-            nn.init.normal_(self.tok_emb.weight, generator=generator)
+        self.tok_emb = _embedding(vocab_size, d_model, generator)  # drawn in the book's order: tokens, then positions
         self.positional = positional
         if positional == "learned":
-            self.pos_emb = nn.Embedding(context_length, d_model)
-            if generator is not None:
-                nn.init.normal_(self.pos_emb.weight, generator=generator)
+            self.pos_emb = _embedding(context_length, d_model, generator)
         elif positional == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(context_length, d_model), persistent=False)
         self.context_length = context_length

@@ -13,6 +13,7 @@ from pipeline.schema import one_of
 from pipeline.shard import ShardedSource
 from pipeline.stage import Stage
 from pipeline.storage import expand_paths, is_dir, is_remote, load_text, open_input, size, version
+from stages.fields import Carried
 
 ARROW_SUFFIXES = (".arrow", ".ipc", ".feather", ".arrows")
 NULL_POLICIES = ("error", "skip")
@@ -40,11 +41,10 @@ class _ArrowFile:
                 try:
                     reader = ipc.open_file(source)
                     self.format, self.schema, self.n_units = "file", reader.schema, reader.num_record_batches
-                except pa.ArrowInvalid:  # not the file format: the stream format (no footer, so find the batches)
+                except pa.ArrowInvalid:  # not the file format: the stream format, which has no footer
                     source.seek(0)
-                    self.format = "stream"
-                    self.schema, self.offsets = _stream_batches(source)
-                    self.n_units = len(self.offsets)
+                    self.format, self.schema = "stream", ipc.open_stream(source).schema
+                    self._index_stream(source)
         except (pa.ArrowInvalid, OSError) as e:
             raise ValueError(f"{path}: not a readable Arrow IPC or Parquet file ({e})") from None
 
@@ -52,31 +52,41 @@ class _ArrowFile:
         """The file, mapped locally (for one unit only, so RSS stays flat), else read by ranged requests."""
         return open_input(self.path) if is_remote(self.path) else pa.memory_map(self.path)
 
+    def _index_stream(self, source: pa.NativeFile) -> None:
+        """Where each message of a stream lies, found in one pass at build, so a unit is read in one seek.
+
+        Locally the file is mapped, so only the message headers are touched; an object is read through once.
+
+        ``_batches``: the record batch messages' spans; ``_dictionaries[i]``: the dictionary messages
+        before batch ``i``, which the batch's dictionary columns refer to.
+        """
+        source.seek(0)
+        messages, spans, self._batches, self._dictionaries = ipc.MessageReader.open_stream(source), [], [], []
+        while True:
+            start = source.tell()
+            try:
+                message = messages.read_next_message()
+            except StopIteration:
+                break
+            if message.type == "record batch":
+                self._batches.append((start, source.tell()))
+                self._dictionaries.append(len(spans))
+            elif message.type == "dictionary":
+                spans.append((start, source.tell()))
+            else:
+                self._schema_span = (start, source.tell())
+        self._dictionary_spans, self.n_units = spans, len(self._batches)
+
     def read_unit(self, index: int) -> pa.RecordBatch | pa.Table:
         with self._open() as source:
             if self.format == "parquet":
                 return pq.ParquetFile(source).read_row_group(index)
             if self.format == "file":
                 return ipc.open_file(source).get_batch(index)
-            if self.offsets[index] is None:  # a stream with dictionaries: batches decode only in order
-                return next(batch for i, batch in enumerate(ipc.open_stream(source)) if i == index)
-            source.seek(self.offsets[index])
-            return ipc.read_record_batch(ipc.read_message(source), self.schema)
-
-
-def _stream_batches(source: pa.NativeFile) -> tuple[pa.Schema, list[int | None]]:
-    """The schema of an IPC stream and where each record batch starts, so that one is read without the
-    others (None for each when the stream holds dictionary batches)."""
-    messages = ipc.MessageReader.open_stream(source)
-    schema, offsets, dictionaries = ipc.read_schema(messages.read_next_message()), [], False
-    while True:
-        start = source.tell()
-        try:
-            message = messages.read_next_message()
-        except StopIteration:
-            return schema, [None] * len(offsets) if dictionaries else offsets
-        dictionaries |= message.type != "record batch"
-        offsets += [start] if message.type == "record batch" else []
+            # A stream of its own: the schema, the dictionaries so far, then this batch (not every batch before it).
+            spans = [self._schema_span, *self._dictionary_spans[: self._dictionaries[index]], self._batches[index]]
+            stream = b"".join(source.read_at(end - start, start) for start, end in spans)
+        return ipc.open_stream(stream).read_next_batch()
 
 
 def _join(folder: str, name: str) -> str:
@@ -123,7 +133,9 @@ class ReadArrow(ShardedSource, Stage[dict]):
     Shard units are record batches (Arrow) and row groups (Parquet), so one large file still spreads
     over ranks and workers (``pipeline.shard``). Each item is a dict: ``text`` (from ``column``),
     ``source`` (the file), ``shard`` (the unit in the file), ``record`` (the row in the unit), and the
-    file's other columns by name (a column named like one of those four is shadowed by it).
+    file's other columns by name. A column named like a field of the pipeline's own (``ids``, ``offset``,
+    ``end``, ``source``, ...: ``stages.fields.FIELDS``) would be taken for it: it is left out, with a
+    warning naming it, or refused by name when ``columns`` lists it.
 
     Args:
         paths: files, globs or directories (directories: files ending .arrow, .ipc, .feather, .arrows, .parquet),
@@ -131,7 +143,7 @@ class ReadArrow(ShardedSource, Stage[dict]):
             ``save_to_disk`` folder is read in the dataset's own file order.
         split: the split to read from a Hugging Face ``DatasetDict`` folder (required there, refused elsewhere).
         column: the text column (string or large_string).
-        columns: other columns to carry with each document (default: all of them).
+        columns: other columns to carry with each document (default: all but those named like the pipeline's fields).
         on_null: a null text: ``error`` (naming file, shard and row) or ``skip`` (counted in ``stats``).
         rank, world_size, shuffle, seed: as in ``read_text``.
     """
@@ -162,6 +174,8 @@ class ReadArrow(ShardedSource, Stage[dict]):
             for name in columns or ():
                 if name not in f.schema.names:
                     raise ValueError(f"{f.path}: no column `{name}` to carry (columns: {', '.join(f.schema.names)})")
+        self.carried = Carried(columns, "columns", "column")
+        self.carried.names({n for f in self.files for n in f.schema.names}, column)  # warns about any left out
         self.column, self.columns, self.on_null = column, columns, on_null
         self.init_shards(rank, world_size, shuffle, seed)
         self.units = [[i, j] for i, f in enumerate(self.files) for j in range(f.n_units)]
@@ -203,7 +217,7 @@ class ReadArrow(ShardedSource, Stage[dict]):
             batch = file.read_unit(index)
         except (pa.ArrowException, OSError) as e:
             raise self.error(f"cannot read this shard ({e})", file.path, f"shard {index}") from None
-        names = self.columns if self.columns is not None else [n for n in batch.schema.names if n != self.column]
+        names = self.carried.names(batch.schema.names, self.column)
         try:
             self._rows = batch.column(self.column).to_pylist(), {n: batch.column(n).to_pylist() for n in names}
         except UnicodeDecodeError:  # Arrow does not check UTF-8 on read: find the row

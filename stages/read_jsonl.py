@@ -15,6 +15,7 @@ from pipeline.shard import ShardedSource
 from pipeline.stage import Stage
 from pipeline.storage import expand_paths, open_input, open_stream, size
 from stages.compressed import SUFFIXES, CorruptData, decompressed, zstd_frames
+from stages.fields import Carried
 
 COMPRESSIONS = ("none", *SUFFIXES.values())
 ERROR_POLICIES = ("error", "skip")
@@ -65,18 +66,20 @@ class ReadJsonl(ShardedSource, Stage[dict]):
 
     Each item is a dict: ``text`` (the string under ``field``), ``source`` (the file), ``shard`` (the
     unit in the file), ``record`` (the line in the unit, from 0), and the object's other top-level
-    fields by name, as ``read_arrow`` keeps its columns (a field named like one of those four is
-    shadowed by it). Shard units are byte ranges of ``shard_bytes`` cut at newlines for plain files;
-    for a compressed file, its independent frames where a zstd seek table lists them (the seekable
-    format; a line belongs to the frame it starts in), else the whole file (a compressed stream can
-    only be read from its start).
+    fields by name, as ``read_arrow`` keeps its columns: a field named like one of the pipeline's own
+    (``ids``, ``offset``, ``end``, ``source``, ...: ``stages.fields.FIELDS``) would be taken for it, so it
+    is left out, with a warning naming it, or refused by name when ``fields`` lists it. Shard units are
+    byte ranges of ``shard_bytes`` cut at newlines for plain files; for a compressed file, its independent
+    frames where a zstd seek table lists them (the seekable format; a line belongs to the frame it starts
+    in), else the whole file (a compressed stream can only be read from its start).
     Lines are parsed by ``orjson``; blank lines are counted and passed over.
 
     Args:
         paths: files, globs or directories (directories: files ending .jsonl, .json, .ndjson, with or
             without a compression suffix), local or URIs (``s3://``, ``gs://``, ``file://``).
         field: where the text is: a key, or a dotted path into nested objects (``meta.body``).
-        fields: top-level fields to carry with each document (default: all; absent ones are None).
+        fields: top-level fields to carry with each document (default: all but those named like the
+            pipeline's fields; absent ones are None).
         compression: ``none``, ``gzip``, ``zstd``, ``bz2`` or ``xz``; default: by suffix (.gz, .zst, .bz2, .xz).
         on_error: ``error`` or ``skip``: a line that is not a JSON object or has no string at ``field``,
             and a truncated or corrupt compressed file, raise naming the file and line, or are counted
@@ -109,6 +112,7 @@ class ReadJsonl(ShardedSource, Stage[dict]):
             raise FieldError("field", f"field must be a non-empty string, got {field!r}")
         if fields is not None and not (isinstance(fields, list) and all(isinstance(f, str) for f in fields)):
             raise FieldError("fields", f"fields must be a list of field names, got {fields!r}")
+        self.carried = Carried(fields, "fields", "field")
         suffixes = tuple(s + c for s in (".jsonl", ".json", ".ndjson") for c in ("", *SUFFIXES))
         self.files = expand_paths(paths, suffixes)
         self.field, self.fields, self.on_error, self.shard_bytes = field, fields, on_error, shard_bytes
@@ -217,7 +221,7 @@ class ReadJsonl(ShardedSource, Stage[dict]):
         if not isinstance(text, str):
             found = "missing or null" if text is None else f"a {type(text).__name__}, not a string"
             return self._bad(f"no text at `{self.field}`", f" ({found}); set `field`", unit, record, offset)
-        doc = obj if self.fields is None else {name: obj.get(name) for name in self.fields}
+        doc = {name: obj.get(name) for name in self.carried.names(obj, self.field)}
         doc.update(text=text, source=self.files[unit[0]], shard=unit[3], record=record)
         self.stats["documents"] += 1
         return doc

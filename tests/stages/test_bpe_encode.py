@@ -23,6 +23,7 @@ from stages.bpe_encode import BpeEncode
 from stages.encoding import EncodingFileMissing, load_encoding
 from stages.separators import document_ids
 from stages.read_text import ReadText
+from stages.runs import MAX_RUN, UncuttableRun, cut_long_runs, has_long_run
 from tests.conftest import BACKENDS
 from tests.resume import check_resume
 
@@ -284,6 +285,65 @@ def test_other_special_tokens_are_plain_text_by_default(cache_dir, tmp_path, bat
     edit = load_encoding("p50k_edit", files)
     out = encode_all(FIM_TEXTS, encoding="p50k_edit", encoding_files=files, batch_bytes=batch_bytes)
     assert flat(out) == book_stream(FIM_TEXTS, edit.encode_ordinary)
+
+
+# --- issue 14, item 6: whitespace runs too long for tiktoken's regex ------------------------------------
+
+_WORDS = st.sampled_from(["a", "word", "x1", "42", "!?", "'s", ".", "é", "\u4e2d"])
+_SPACES = st.text(st.sampled_from(" \t\n\r\xa0\u3000\u2003\x0b"), min_size=1, max_size=14)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(parts=st.lists(st.one_of(_WORDS, _SPACES), max_size=12), max_run=st.integers(1, 5))
+def test_cutting_runs_leaves_the_tokens_as_tiktoken_gives_them(parts, max_run):
+    """The cut of stages.runs, tried on short runs (tiktoken encodes them whole: the oracle)."""
+    text = "".join(parts)
+    try:
+        pieces = cut_long_runs(text, ENC, max_run)
+    except UncuttableRun as e:
+        assert has_long_run(text, max_run) and text[e.index : e.index + e.length].isspace()
+        return
+    assert "".join(pieces) == text
+    assert [t for p in pieces for t in ENC.encode_ordinary(p)] == ENC.encode_ordinary(text)
+    assert all(not has_long_run(p, max_run + 2) for p in pieces)
+
+
+def _encode_file(tmp_path, text: str) -> list[int]:
+    path = tmp_path / "runs.txt"
+    path.write_text(text, encoding="utf-8")
+    node = BpeEncode(ReadText(str(path)), num_threads=1)
+    node.name = "encode"
+    return [int(t) for item in Loader(node) for t in item["ids"]]
+
+
+def test_a_million_spaces_are_encoded_exactly(tmp_path):
+    """tiktoken fails on the whole run (a panic); on shorter runs its tokens are `a`, n - 1 spaces, ` b`,
+    the oracle this run's tokens are checked against."""
+    space, a, b = ENC.encode_ordinary(" ")[0], ENC.encode_ordinary("a"), ENC.encode_ordinary(" b")
+    for n in (1_000, 2 * MAX_RUN):
+        assert ENC.encode_ordinary("a" + " " * n + "b") == a + [space] * (n - 1) + b
+    n = 1_200_000
+    assert _encode_file(tmp_path, "a" + " " * n + "b") == a + [space] * (n - 1) + b
+
+
+def test_a_mixed_run_is_cut_where_tiktoken_cannot_tell(tmp_path):
+    run = " \t \xa0\t\n " * 5  # 35 characters, cut with a small max_run; then a run of a million
+    text = "one" + run + "two"
+    pieces = cut_long_runs(text, ENC, 8)
+    assert len(pieces) > 2 and [t for p in pieces for t in ENC.encode_ordinary(p)] == ENC.encode_ordinary(text)
+    ids = _encode_file(tmp_path, "one" + " \t \xa0\t\n " * 150_000 + "two")
+    assert ids[:1] == ENC.encode_ordinary("one") and ids[-1:] == ENC.encode_ordinary(" two")
+    assert ENC.decode(ids) == "one" + " \t \xa0\t\n " * 150_000 + "two"
+
+
+def test_a_run_with_no_exact_cut_is_a_stage_error_naming_file_and_byte(tmp_path):
+    """A million newlines: `\\n\\n` is a GPT-2 token, so no cut is proven; the error names the byte."""
+    prefix = "héllo" + " " * 10
+    with pytest.raises(StageError) as info:
+        _encode_file(tmp_path, prefix + "\n" * 1_000_000 + "end")
+    message = str(info.value)
+    assert "stage 'encode'" in message and "runs.txt" in message
+    assert f"byte {len(prefix.encode()) - 10}" in message and "1,000,010 whitespace characters" in message
 
 
 # --- backends -----------------------------------------------------------------------------------

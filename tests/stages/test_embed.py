@@ -312,3 +312,22 @@ def test_a_python_built_pipeline_is_refused_at_construction_as_its_config_is(in_
 
 def test_a_python_built_pipeline_that_fits_builds():
     assert Pipeline(python_built(4, 4)).embedding is not None
+
+
+@pytest.mark.parametrize("positional", ["learned", "none"])
+def test_a_seed_draws_only_from_its_own_generator(positional):
+    """Issue 14, item 12: the tables are the book's (``torch.manual_seed(123)``, then ``nn.Embedding`` for tokens and
+    positions), and building them with ``seed`` leaves torch's global generator where it was."""
+    torch.manual_seed(123)
+    book_tok = torch.nn.Embedding(VOCAB, D)
+    book_pos = torch.nn.Embedding(T, D)
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    module = InputEmbedding(VOCAB, D, T, positional, seed=123)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(module.tok_emb.weight, book_tok.weight)
+    if positional == "learned":
+        assert torch.equal(module.pos_emb.weight, book_pos.weight)
+    stage = embed(batches(1), seed=123, positional=positional)
+    next(iter(Loader(stage)))
+    assert torch.equal(torch.get_rng_state(), before)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 
 from pipeline import ConfigError, Pipeline, StageError
+from pipeline.cli import main
 from stages import ReadArrow
+from stages.encoding import load_encoding
 from tests.corpora import write_arrow_corpus
+from tests.stages.tokens.test_prepare import shard_rows
 
 
 @pytest.mark.parametrize("fmt", ["file", "stream", "parquet"])
@@ -131,3 +136,121 @@ def test_stream_format_batches_read_one_by_one_equal_pyarrows_read(tmp_path, dic
     docs = sorted(list(node), key=lambda d: (d["shard"], d["record"]))
     assert [{"text": d["text"], "lang": d["lang"]} for d in docs] == expected
     assert len(node.units) == 6
+
+
+# --- issue 14, item 2: user columns never pass for the pipeline's own fields ------------------------------
+
+
+@pytest.mark.parametrize("name", ["ids", "offset", "end", "source", "split"])
+def test_a_column_named_like_a_pipeline_field_is_left_out_with_a_warning_or_refused(tmp_path, name):
+    path = tmp_path / "t.arrow"
+    _write(path, {"text": ["one two", "three"], name: [7, 8], "lang": ["en", "fr"]})
+    with pytest.warns(UserWarning, match=rf"columns \['{name}'\] are named like fields of the pipeline's own"):
+        docs = list(ReadArrow(str(path)))
+    assert [d["lang"] for d in docs] == ["en", "fr"]
+    assert all(d["source"] == str(path) if name == "source" else name not in d for d in docs)
+    with pytest.raises(ValueError, match=f"column `{name}` has the name of a pipeline field"):
+        ReadArrow(str(path), columns=["lang", name])
+
+
+def test_columns_named_ids_offset_end_leave_the_tokens_as_they_are(tmp_path):
+    """A column `ids` replaced the tokens; `offset` and `end` joined documents without <|endoftext|>
+    (tiktoken on the texts joined by it is the oracle)."""
+    path = tmp_path / "t.arrow"
+    texts = ["one two", "three four five", "six"]
+    _write(
+        path, {"text": texts, "ids": [[1], [2], [3]], "offset": [0, 7, 22], "end": [0, 7, 22], "lang": ["a", "b", "c"]}
+    )
+    config = {
+        "stages": {
+            "read": {"type": "read_arrow", "paths": [str(path)]},
+            "encode": {"type": "bpe_encode", "input": "read"},
+        }
+    }
+    with pytest.warns(UserWarning, match=r"\['end', 'ids', 'offset'\]"):
+        pipe = Pipeline.from_config(config)
+    items = list(pipe)
+    enc = load_encoding("gpt2")
+    expected = enc.encode("<|endoftext|>".join(texts), allowed_special={"<|endoftext|>"})
+    assert [int(t) for item in items for t in item["ids"]] == expected
+    assert [item["lang"] for item in items] == ["a", "b", "c"]
+
+
+def test_prepare_writes_the_tokens_not_a_column_named_ids(tmp_path):
+    path = tmp_path / "t.arrow"
+    _write(path, {"text": ["one two", "three"], "ids": [[1, 2], [3]]})
+    config = tmp_path / "c.json"
+    config.write_text(
+        json.dumps(
+            {
+                "stages": {
+                    "read": {"type": "read_arrow", "paths": [str(path)]},
+                    "encode": {"type": "bpe_encode", "input": "read"},
+                }
+            }
+        )
+    )
+    with pytest.warns(UserWarning, match="ids"):
+        assert main(["prepare", str(config), "--out", str(tmp_path / "cache")]) == 0
+    rows = [row["ids"] for row in shard_rows(tmp_path / "cache")]
+    enc = load_encoding("gpt2")
+    assert [t for row in rows for t in row] == enc.encode(
+        "one two<|endoftext|>three", allowed_special={"<|endoftext|>"}
+    )
+
+
+# --- issue 14, item 5: stream-format files are read in linear time ---------------------------------------
+
+
+def test_each_stream_unit_is_decoded_once(tmp_path, monkeypatch):
+    """A unit of a stream-format file was read by decoding every batch before it (quadratic in batches)."""
+    ids = write_arrow_corpus(tmp_path / "c", batches_per_file=(6, 5), fmt="stream")
+    reader = ReadArrow(str(tmp_path / "c"))
+    decoded = []
+    opened = ipc.open_stream
+
+    class Counting:
+        def __init__(self, source):
+            self.reader = opened(source)
+
+        def __iter__(self):
+            for batch in self.reader:
+                decoded.append(batch.num_rows)
+                yield batch
+
+        def read_next_batch(self):
+            batch = self.reader.read_next_batch()
+            decoded.append(batch.num_rows)
+            return batch
+
+    monkeypatch.setattr(ipc, "open_stream", Counting)
+    assert [d["id"] for d in reader] == ids
+    assert len(decoded) == 11 and sum(decoded) == len(ids)
+
+
+@pytest.mark.parametrize("deltas", [False, True])
+def test_stream_units_with_dictionaries_read_like_pyarrow(tmp_path, deltas):
+    """Dictionary columns, their dictionaries replaced or extended between batches: pyarrow's reader is the oracle."""
+    path = tmp_path / "d.arrows"
+    langs = pa.array(["en", "fr", "de", "it", "nl", "pt"])
+    batches = [  # batch b's dictionary: the first b + 2 languages (a delta of one, or a replacement)
+        pa.record_batch(
+            {
+                "text": [f"doc {b}-{r}" for r in range(3)],
+                "lang": pa.DictionaryArray.from_arrays(
+                    pa.array([(b + r) % (b + 2) for r in range(3)], pa.int32()), langs[: b + 2]
+                ),
+            }
+        )
+        for b in range(4)
+    ]
+    options = ipc.IpcWriteOptions(emit_dictionary_deltas=deltas)
+    with ipc.new_stream(path, batches[0].schema, options=options) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    with pa.memory_map(str(path)) as source:
+        expected = ipc.open_stream(source).read_all().to_pylist()
+    docs = list(ReadArrow(str(path), shuffle=True, seed=2))
+    assert sorted((d["shard"], d["record"]) for d in docs) == [(b, r) for b in range(4) for r in range(3)]
+    for d in docs:
+        assert {"text": d["text"], "lang": d["lang"]} == expected[d["shard"] * 3 + d["record"]]

@@ -17,6 +17,7 @@ from torchdata.nodes import Loader
 from pipeline import Pipeline
 from pipeline.stage import StageError
 from stages import ReadJsonl
+from stages.encoding import load_encoding
 from tests.resume import check_resume
 
 COMPRESS = {
@@ -280,3 +281,42 @@ def test_a_plain_file_that_changed_size_since_the_build_is_an_error(tmp_path):
         f.write(json.dumps({"text": "appended"}) + "\n")
     with pytest.raises(StageError, match=rf"file {path}: file changed size since the pipeline was built"):
         list(node)
+
+
+# --- issue 14, item 2 (as read_arrow): a record's fields never pass for the pipeline's own ------------------
+
+
+@pytest.mark.parametrize("name", ["ids", "offset", "end", "source", "split"])
+def test_a_field_named_like_a_pipeline_field_is_left_out_with_a_warning_or_refused(tmp_path, name):
+    path = tmp_path / "c.jsonl"
+    _write(path, [{"text": "one two", name: 7, "lang": "en"}, {"text": "three", name: 8, "lang": "fr"}])
+    with pytest.warns(UserWarning, match=rf"fields \['{name}'\] are named like fields of the pipeline's own"):
+        docs = list(ReadJsonl(str(path)))
+    assert [d["lang"] for d in docs] == ["en", "fr"]
+    assert all(d["source"] == str(path) if name == "source" else name not in d for d in docs)
+    with pytest.raises(ValueError, match=f"field `{name}` has the name of a pipeline field"):
+        ReadJsonl(str(path), fields=["lang", name])
+
+
+def test_fields_named_ids_offset_end_leave_the_tokens_as_they_are(tmp_path):
+    """A field `ids` replaced the tokens; `offset` and `end` joined documents without <|endoftext|>
+    (tiktoken on the texts joined by it is the oracle)."""
+    path = tmp_path / "c.jsonl"
+    texts = ["one two", "three four five", "six"]
+    offsets = [0, 7, 22]
+    _write(
+        path,
+        [{"text": t, "ids": [i], "offset": o, "end": o, "lang": t[0]} for i, (t, o) in enumerate(zip(texts, offsets))],
+    )
+    config = {
+        "stages": {
+            "read": {"type": "read_jsonl", "paths": [str(path)]},
+            "encode": {"type": "bpe_encode", "input": "read"},
+        }
+    }
+    with pytest.warns(UserWarning, match=r"\['end', 'ids', 'offset'\]"):
+        items = list(Pipeline.from_config(config, num_workers=0, rank=0, world_size=1))
+    enc = load_encoding("gpt2")
+    expected = enc.encode("<|endoftext|>".join(texts), allowed_special={"<|endoftext|>"})
+    assert [int(t) for item in items for t in item["ids"]] == expected
+    assert [item["lang"] for item in items] == ["o", "t", "s"]

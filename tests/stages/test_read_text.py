@@ -19,8 +19,36 @@ EOT = 50256
 
 # Pieces that stress the GPT-2 pre-tokenizer around spaces and newlines.
 TRICKY = [
-    " ", "  ", "   ", "\n", "\n\n", "\r\n", "\t", " \n", "'s", "'ll", "'S", "'t", "42", "7", "2024",
-    "...", "!?", "--", "a", "word", "The", "é", "naïve", "\u00a0", "\u3000", "中文", "😀", "\u2028", "\x85", "\x1c",
+    " ",
+    "  ",
+    "   ",
+    "\n",
+    "\n\n",
+    "\r\n",
+    "\t",
+    " \n",
+    "'s",
+    "'ll",
+    "'S",
+    "'t",
+    "42",
+    "7",
+    "2024",
+    "...",
+    "!?",
+    "--",
+    "a",
+    "word",
+    "The",
+    "é",
+    "naïve",
+    "\u00a0",
+    "\u3000",
+    "中文",
+    "😀",
+    "\u2028",
+    "\x85",
+    "\x1c",
 ]
 texts = st.text(st.characters(codec="utf-8"), max_size=300) | st.lists(st.sampled_from(TRICKY), max_size=120).map(
     "".join
@@ -290,6 +318,38 @@ def test_paths_keep_the_order_given_and_globs_are_sorted(tmp_path):
     got = expand_paths([str(tmp_path / "y.txt"), str(tmp_path / "x*.txt")])
     assert got == [str(tmp_path / "y.txt"), str(tmp_path / "x1.txt"), str(tmp_path / "x2.txt")]
     assert expand_paths(str(tmp_path / "y.txt")) == [str(tmp_path / "y.txt")]  # one path as a string
+
+
+def test_links_to_folders_are_not_followed_and_are_named(tmp_path):
+    """Issue 14, item 3: `self -> .` read each file 41 times, `latest -> v2` twice."""
+    corpus = tmp_path / "corpus"
+    (corpus / "v2").mkdir(parents=True)
+    (corpus / "a.txt").write_text("ay", encoding="utf-8")
+    (corpus / "v2" / "b.txt").write_text("bee", encoding="utf-8")
+    (corpus / "c.txt").symlink_to(corpus / "a.txt")  # a link to a file is read
+    (corpus / "self").symlink_to(".")
+    (corpus / "latest").symlink_to("v2")
+    with pytest.warns(UserWarning) as caught:
+        got = expand_paths(str(corpus))
+    assert got == [str(corpus / "a.txt"), str(corpus / "c.txt"), str(corpus / "v2" / "b.txt")]
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 2 and "latest: a link to a folder (v2)" in messages[0] and "self: a link" in messages[1]
+    assert expand_paths(str(corpus / "latest")) == [str(corpus / "latest" / "b.txt")]  # named: followed
+
+
+@pytest.mark.parametrize("name", ["a[1].txt", "b*.txt", "c?.txt", "d[x]"])
+def test_paths_with_glob_characters_are_found_literally(tmp_path, name):
+    path = tmp_path / name
+    if "." in name:
+        path.write_text("text", encoding="utf-8")
+        expected = [str(path)]
+    else:
+        path.mkdir()
+        (path / "e.txt").write_text("text", encoding="utf-8")
+        expected = [str(path / "e.txt")]
+    (tmp_path / "a1.txt").write_text("a glob's match, not the literal file", encoding="utf-8")
+    assert expand_paths(str(path)) == expected
+    assert expand_paths(str(tmp_path / "a[0-9].txt")) == [str(tmp_path / "a1.txt")]  # other paths still glob
 
 
 @pytest.mark.parametrize(
