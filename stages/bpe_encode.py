@@ -17,6 +17,8 @@ from stages.encoding import EOT_TEXT, load_encoding
 from stages.fast_bpe import BACKENDS, PRETOKENIZERS, HfTokenizer, TiktokenRanks, choose_backend, gigatoken_installed
 from stages.runs import GPT2_PATTERN, MAX_RUN, UncuttableRun, cut_long_runs, has_long_run
 
+FIRST_CALL_BYTES = 1 << 16  # text in the first encode call (a quick first item); each next call takes twice as much
+
 
 @register("bpe_encode")
 class BpeEncode(Stage[dict]):
@@ -132,6 +134,7 @@ class BpeEncode(Stage[dict]):
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
         self._pending: deque[tuple[dict, dict, np.ndarray]] = deque()  # (source state before, doc, ids)
+        self._goal = FIRST_CALL_BYTES  # text per call: small first (a quick first item), doubling to batch_bytes
         if initial_state is None:
             self.source.reset()
         else:
@@ -154,7 +157,9 @@ class BpeEncode(Stage[dict]):
 
     def _encode_next_batch(self) -> None:
         docs, states, size = [], [], 0
-        while size < self.batch_bytes * self.num_threads:
+        goal = min(self._goal, self.batch_bytes * self.num_threads)
+        self._goal *= 2
+        while size < goal:
             states.append(self.source.state_dict())
             try:
                 doc = next(self.source)

@@ -8,6 +8,7 @@ lookup that fails with the exact file to provide, so no network is ever used.
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import importlib.util
@@ -23,6 +24,8 @@ from tiktoken_ext import openai_public
 from pipeline.schema import FieldError, MissingFileError
 
 EOT_TEXT = openai_public.ENDOFTEXT  # "<|endoftext|>", id 50256 in GPT-2
+R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"  # GPT-2's ranks, as tiktoken
+R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # tiktoken's, for that file
 
 
 class EncodingFileMissing(MissingFileError):
@@ -74,7 +77,30 @@ def _load(name: str, files: tuple[tuple[str, str], ...]) -> tiktoken.Encoding:
     constructors = tiktoken.registry.ENCODING_CONSTRUCTORS
     # tiktoken 0.14 has no public hook to give a constructor local files: its file reader is replaced for the call
     with mock.patch.object(tiktoken.load, "read_file", read_local):
-        return tiktoken.Encoding(**constructors[name]())
+        if name != "gpt2":
+            return tiktoken.Encoding(**constructors[name]())
+        with mock.patch.object(openai_public, "data_gym_to_mergeable_bpe_ranks", _cached_gpt2_ranks):
+            return tiktoken.Encoding(**constructors[name]())
+
+
+def _cached_gpt2_ranks(**files) -> dict[bytes, int]:
+    """GPT-2's ranks, converted from its BPE files once (~1 s) and then read from tiktoken's cache as
+    ``r50k_base.tiktoken`` (the same ranks; tiktoken checks that file's sha256 on every load)."""
+    try:
+        return tiktoken.registry.ENCODING_CONSTRUCTORS["r50k_base"]()["mergeable_ranks"]
+    except EncodingFileMissing:
+        pass
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(**files)
+    path = _cache_path(R50K_URL)
+    text = b"".join(base64.b64encode(token) + b" %d\n" % ranks[token] for token in sorted(ranks, key=ranks.get))
+    try:  # written whole or not at all; a damaged file fails tiktoken's check and is made again
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), delete=False) as f:
+            f.write(text)
+        os.replace(f.name, path)
+    except OSError:
+        pass  # no writable cache: convert again next time
+    return ranks
 
 
 def load_encoding(name: str = "gpt2", files: dict[str, str] | None = None) -> tiktoken.Encoding:
@@ -90,3 +116,15 @@ def load_encoding(name: str = "gpt2", files: dict[str, str] | None = None) -> ti
             raise MissingFileError("encoding_files",
                                    f"encoding `{name}`: file {filename} given as {path} does not exist")
     return _load(name, tuple(sorted((files or {}).items())))
+
+
+def cached_rank_file(encoding: tiktoken.Encoding) -> bytes | None:
+    """GPT-2's ranks as a ``.tiktoken`` file (no specials), from tiktoken's cache when it holds them intact."""
+    if encoding.name not in ("gpt2", "r50k_base"):
+        return None
+    try:
+        with open(_cache_path(R50K_URL), "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data if hashlib.sha256(data).hexdigest() == R50K_SHA256 else None

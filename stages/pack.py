@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
-from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -13,36 +12,41 @@ import numpy as np
 from pipeline.registry import register
 from pipeline.schema import FieldError, Positive, one_of
 from pipeline.stage import Stage, upstream_nodes
+from stages.separators import document_ids
 
 POLICIES = ("best_fit", "greedy")
 REMAINDERS = ("drop", "keep")
 WAIT_BUFFERS = 2  # a document may wait while this many buffers' worth of newer ones are read
 
 
-def documents_of(item: Any, bos: int, first: bool) -> tuple[np.ndarray, list[int]]:
-    """A tokens item's ids and the offsets in them where a document starts: the one place that reads the format.
+def _segments(item: dict, bos: int, separated: bool | None) -> list[np.ndarray]:
+    """The documents and pieces of a tokens item (read through ``document_ids``), each document led by ``bos``.
 
-    Today an item is one document or one piece of a text file (``bpe_encode``): it starts a document
-    when its first id is ``<|endoftext|>``, else it continues the previous item (a piece). The first
-    item of a stream has no separator: it gets ``bos`` prepended unless it is a piece from inside a
-    file (``offset`` > 0).
+    A document start that follows the encoder's separator takes it as its first token; any other (the
+    stream's first document, every one with ``eot: false``) gets ``bos`` prepended. A leading piece
+    before the first start continues the previous item's document. ``separated``: the encoder's
+    ``eot``, or None (no encoder upstream) to read it off the ids.
     """
-    ids = np.asarray(item["ids"] if isinstance(item, dict) else item)
-    if len(ids) and ids[0] == bos:
-        return ids, [0]
-    if first and (not isinstance(item, dict) or not item.get("offset")):
-        return np.concatenate([np.array([bos], dtype=ids.dtype), ids]), [0]
-    return ids, []
+    ids, starts = document_ids(item)
+    out, at, lead = [], 0, False
+    for s in starts.tolist():
+        joined = s > 0 and (ids[s - 1] == bos if separated is None else separated)
+        head = s - 1 if joined else s
+        if head > at or lead:
+            out.append(_led(ids[at:head], bos, lead))
+        at, lead = head, not joined
+    if len(ids) > at or lead:
+        out.append(_led(ids[at:], bos, lead))
+    return out
 
 
-def _segments(ids: np.ndarray, starts: list[int]) -> list[np.ndarray]:
-    """The pieces of ``ids`` between document starts (a leading piece continues the previous item)."""
-    bounds = sorted({0, *starts, len(ids)})
-    return [ids[a:b] for a, b in pairwise(bounds)]
+def _led(ids: np.ndarray, bos: int, lead: bool) -> np.ndarray:
+    return np.concatenate([np.array([bos], dtype=ids.dtype), ids]) if lead else ids
 
 
-def _eot_of(source) -> int | None:
-    return next((n.eot_id for n in upstream_nodes(source) if isinstance(getattr(n, "eot_id", None), int)), None)
+def _encoder_of(source):
+    """The nearest upstream node with an ``eot_id`` (the encoder), or None."""
+    return next((n for n in upstream_nodes(source) if isinstance(getattr(n, "eot_id", None), int)), None)
 
 
 @register("pack")
@@ -89,7 +93,8 @@ class Pack(Stage[np.ndarray]):
         super().__init__()
         one_of("policy", policy, POLICIES)
         one_of("remainder", remainder, REMAINDERS)
-        bos = _eot_of(source) if bos is None else bos
+        encoder = _encoder_of(source)
+        bos = getattr(encoder, "eot_id", None) if bos is None else bos
         if isinstance(bos, bool) or not isinstance(bos, int) or bos < 0:
             no_eot = "no encoder upstream gives its <|endoftext|> id"
             raise FieldError("bos", f"bos must be a token id; {no_eot}, got {bos!r}")
@@ -101,6 +106,7 @@ class Pack(Stage[np.ndarray]):
         self.block_rows = block_rows
         self.wait = WAIT_BUFFERS * buffer  # documents read while one waits, at most, before it goes first
         self.bos = self.params["bos"] = bos  # resolved: a copy built from params (bench) needs no encoder upstream
+        self._separated = getattr(encoder, "eot", None)  # whether the encoder puts bos before each document
         self._positions = np.arange(max_length + 1, dtype=np.int32)
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
@@ -250,9 +256,8 @@ class Pack(Stage[np.ndarray]):
         before = self.source.state_dict()
         item = next(self.source)
         self._held.append([self._items, before, 0])
-        ids, starts = documents_of(item, self.bos, first=self._items == 0)
         self._items += 1
-        return _segments(ids, starts)
+        return _segments(item, self.bos, self._separated)
 
     def _add(self, seq: int, ids: np.ndarray, item: int, seg: int, offset: int) -> None:
         self._docs[seq] = [ids, item, seg, offset]

@@ -59,7 +59,10 @@ class Separators:
 
     def _start(self, doc: dict) -> tuple[bool, bool]:
         """Whether ``doc`` starts a document, and whether a separator goes before it."""
-        continues = self.previous is not None and [doc.get("source"), doc.get("offset")] == self.previous
+        if self.previous is None:  # the stream's first item: a piece from inside a file continues a document
+            continues = bool(doc.get("offset"))  # read elsewhere (another worker or rank)
+        else:
+            continues = [doc.get("source"), doc.get("offset")] == self.previous
         separated = self.enabled and self.previous is not None and not continues
         self.previous = [doc.get("source"), doc.get("end", -1)]
         return not continues, separated

@@ -462,3 +462,32 @@ def test_blocks_resume_exactly():
     texts = random_texts(300, seed=10)
     reference = check_resume(lambda: BpeEncode(documents(texts), batch_bytes=200, blocks=True))
     assert len(reference) > 5
+
+
+R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # tiktoken's, for r50k_base.tiktoken
+
+
+def test_gpt2_ranks_are_converted_once_then_read_from_tiktokens_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    files = encoding_module._packaged_gpt2_files()
+    oracle = tiktoken.load.data_gym_to_mergeable_bpe_ranks(files["vocab.bpe"], files["encoder.json"])
+    cached = encoding_module._cache_path(encoding_module.R50K_URL)
+
+    def load():
+        encoding_module._load.cache_clear()
+        try:
+            return encoding_module._load("gpt2", ())
+        finally:
+            encoding_module._load.cache_clear()
+
+    assert load()._mergeable_ranks == oracle  # converted, and written to the cache
+    with open(cached, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == R50K_SHA256
+    with monkeypatch.context() as m:  # now read from the cache: no conversion
+        m.setattr(tiktoken.load, "data_gym_to_mergeable_bpe_ranks", lambda *a, **k: pytest.fail("converted again"))
+        assert load()._mergeable_ranks == oracle
+    with open(cached, "r+b") as f:  # a damaged cache file fails tiktoken's check and is made again
+        f.write(b"garbage")
+    assert load()._mergeable_ranks == oracle
+    with open(cached, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == R50K_SHA256

@@ -34,7 +34,8 @@ def units_and_items(lengths: list[int], continues: list[bool]) -> tuple[list[lis
         counter += n
         piece = cont and i > 0
         ids = body if piece or i == 0 else [EOT] + body
-        items.append({"ids": np.array(ids, dtype=np.int32)})
+        starts = [] if piece else [0] if i == 0 else [1]  # where the document's own tokens begin
+        items.append({"ids": np.array(ids, dtype=np.int32), "starts": np.array(starts, dtype=np.int64)})
         unit = body if piece else [EOT] + body
         if unit:
             units.append(unit)
@@ -156,9 +157,11 @@ def test_packed_batches_position_ids_and_cu_seqlens(lengths, max_length, batch_s
 
 
 def test_the_first_document_of_a_stream_gets_its_separator_and_a_piece_from_inside_a_file_does_not():
-    first = Pack(IterableWrapper([{"ids": np.arange(3, dtype=np.int32), "offset": 0}]), 3, bos=EOT)
+    first = Pack(IterableWrapper([{"ids": np.arange(3, dtype=np.int32), "starts": np.array([0]), "offset": 0}]), 3,
+                 bos=EOT)
     assert next(iter(Loader(first)))[0, 0].tolist() == [EOT, 0, 1, 2]
-    inside = Pack(IterableWrapper([{"ids": np.arange(4, dtype=np.int32), "offset": 100}]), 3, bos=EOT)
+    inside = Pack(IterableWrapper([{"ids": np.arange(4, dtype=np.int32), "starts": np.array([], dtype=np.int64),
+                                         "offset": 100}]), 3, bos=EOT)
     assert next(iter(Loader(inside)))[0, 0].tolist() == [0, 1, 2, 3]
 
 
@@ -305,3 +308,43 @@ def test_embed_refuses_packed_rows_longer_than_its_position_table():
         Pipeline(embed(8))
     assert (info.value.stage, info.value.field) == ("embed", "context_length") and "`pack`" in str(info.value)
     assert Pipeline(embed(4)).embedding is not None
+
+
+# --- documents read through stages.separators.document_ids ----------------------------------------
+
+DOCS = ["<|endoftext|>begins with the separator's text", "", "plain words here", "ends with it<|endoftext|>",
+        "a longer one " * 9, "x", "", "<|endoftext|>", "last words"]
+
+
+def _flat_rows(eot: bool, blocks: bool) -> tuple[list[int], list[int]]:
+    """Greedy ``keep`` rows over DOCS (allowed ``<|endoftext|>``): their tokens in order, and where positions are 0."""
+    encode = BpeEncode(IterableWrapper([{"text": t} for t in DOCS]), eot=eot, allowed_special="all",
+                       batch_bytes=40, blocks=blocks)
+    rows = [row for block in Loader(Pack(encode, 9, "greedy", "keep", block_rows=3)) for row in block]
+    tokens = [t for row in rows for t, p in zip(*row.tolist()) if p >= 0]
+    heads = [i for i, p in enumerate(p for row in rows for p in row[1].tolist() if p >= 0) if p == 0]
+    return tokens, heads
+
+
+@pytest.mark.parametrize("blocks", [False, True])
+@pytest.mark.parametrize("eot", [True, False])
+def test_each_document_starts_with_one_bos_whatever_eot_literal_text_or_blocks(eot, blocks):
+    encoding = BpeEncode(IterableWrapper([]), backend="tiktoken").encoding  # the oracle: one document at a time
+    units = [[EOT] + encoding.encode(t, allowed_special="all") for t in DOCS]
+    tokens, heads = _flat_rows(eot, blocks)
+    assert tokens == [t for unit in units for t in unit]
+    bos_at = np.cumsum([0] + [len(u) for u in units[:-1]]).tolist()
+    assert set(bos_at) <= set(heads)  # each document's bos is at position 0
+
+
+def test_blocks_give_the_same_rows_as_per_document_items():
+    for eot in (True, False):
+        assert _flat_rows(eot, blocks=True) == _flat_rows(eot, blocks=False)
+
+
+def test_a_first_piece_from_inside_a_file_is_no_document_start():
+    def starts(offset: int) -> list[int]:
+        doc = {"text": "words", "source": "a.txt", "offset": offset, "end": offset + 5}
+        return next(iter(Loader(BpeEncode(IterableWrapper([doc])))))["starts"].tolist()
+
+    assert starts(0) == [0] and starts(64) == []  # another worker or rank read the document's start
