@@ -26,6 +26,9 @@ def document_ids(item: dict) -> tuple[np.ndarray, np.ndarray]:
     Every document of the stream starts at exactly one offset of one item; an item that continues
     the previous one's document (the next piece of a file) has no start at 0.
     """
+    if "starts" not in item:
+        keys = sorted(item)
+        raise ValueError(f"a tokens item needs `starts` (where its documents begin), as bpe_encode gives; got {keys}")
     return item["ids"], item["starts"]
 
 

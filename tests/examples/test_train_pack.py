@@ -18,6 +18,7 @@ from tests.examples.test_train import train
 
 EXAMPLE = runpy.run_path(str(ROOT / "examples" / "train_gpt.py"), run_name="train_gpt")
 EOT, T = 50256, 24
+STARTS = np.array([1])  # each item is one document whose own tokens follow its <|endoftext|> (as bpe_encode gives)
 
 
 def model_and_tables(positional: str = "learned"):
@@ -27,7 +28,7 @@ def model_and_tables(positional: str = "learned"):
 
 def packed_row(docs: list[list[int]]) -> dict:
     """One packed batch of one row holding ``docs`` in this order (greedy: arrival order)."""
-    items = IterableWrapper([{"ids": np.array([EOT] + d, dtype=np.int32)} for d in docs])
+    items = IterableWrapper([{"ids": np.array([EOT] + d, dtype=np.int32), "starts": STARTS} for d in docs])
     return next(iter(Loader(Batch(Pack(items, T, "greedy", bos=EOT), 1, drop_last=False))))
 
 
@@ -59,7 +60,8 @@ def test_with_sliding_window_rows_the_outputs_are_plain_causal_attention():
 
 
 def test_document_mask_agrees_with_cu_seqlens():
-    batch = next(iter(Loader(Batch(Pack(IterableWrapper([{"ids": np.full(n, EOT, np.int32)} for n in (5, 9, 30, 2, 7)]),
+    batch = next(iter(Loader(Batch(Pack(IterableWrapper([{"ids": np.full(n, EOT, np.int32), "starts": STARTS}
+                                             for n in (5, 9, 30, 2, 7)]),
                                         T, "greedy", "keep", bos=EOT), 2, drop_last=False))))
     mask = EXAMPLE["document_mask"](batch["position_ids"])[:, 0].reshape(-1, T, T)
     cu = batch["cu_seqlens"].tolist()
