@@ -214,6 +214,9 @@ def test_sigint_during_prepare_leaves_nothing_and_no_traceback(tmp_path, corpus)
     # A real process and a real signal: the first shard write sends SIGINT to the process itself.
     child = (
         "import os, signal, sys\n"
+        # as from a terminal: an ignored or blocked SIGINT in the test runner's process would survive exec
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})\n"
         "from stages.tokens.writer import ShardWriter\n"
         "def add(self, ids, source):\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
