@@ -215,9 +215,6 @@ class BpeEncode(Stage[dict]):
                 groups.append([])
                 size = 0
 
-        if self._fast is not None:
-            self._fast.count(sum(map(len, texts)))
-
         def encode_group(group: list[int]) -> list[np.ndarray]:
             if len(group) == 1 and (self._fast is None or self._by_tiktoken(texts[group[0]])):
                 return [self._encode_one(texts[group[0]])]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
 import importlib.util
 import json
 import os
@@ -54,45 +56,45 @@ def choose_backend(backend: str, encoding: str) -> str:
     return "tiktoken"
 
 
-class FastBpe:
-    """gigatoken's BPE: a tokenizer per thread and process, built anew every ``refresh_bytes``.
+_IDLE: dict[tuple, list[list]] = {}  # per build key: [tokenizer, characters it has encoded], none in use
+_IDLE_LOCK = threading.Lock()
+os.register_at_fork(after_in_child=_IDLE.clear)  # a parent's tokenizers (their thread pools) are not a child's
 
-    A gigatoken tokenizer encodes on one thread at a time (it says "Already borrowed" otherwise), so
-    each encode thread builds its own, in the process that encodes (a DataLoader worker builds its
-    own after the fork). Its pre-token cache grows without bound (450 MB of never-repeating words
-    took RSS to 3.6 GB), so new ones (~0.1 s each) replace them every ``refresh_bytes`` characters
-    of text. Subclasses say how to build one (``_new``) and how to encode a group of texts.
+
+class FastBpe:
+    """gigatoken's BPE: tokenizers lent to encode calls from a pool of the process, each dropped after
+    ``refresh_bytes`` characters.
+
+    A gigatoken tokenizer encodes on one thread at a time (it says "Already borrowed" otherwise), so a
+    call borrows one and gives it back; building one costs ~0.1 s, so the pool is the process's: every
+    stage with the same ranks (a validation loader, each ``create_dataloader_v1``) reuses them. Its
+    pre-token cache grows without bound (450 MB of never-repeating words took RSS to 3.6 GB), so a
+    tokenizer that has encoded ``refresh_bytes`` characters is dropped, not given back. A forked
+    DataLoader worker starts with an empty pool. Subclasses say how to build one (``_new``), under
+    which ``key``, and how to encode a group of texts.
     """
 
-    def __init__(self, refresh_bytes: int):
-        self.refresh_bytes = refresh_bytes
-        self._generation, self._since_build = 0, 0
-        self._local = threading.local()
+    def __init__(self, refresh_bytes: int, key: tuple):
+        self.refresh_bytes, self.key = refresh_bytes, key
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_local": None}  # a process builds its own tokenizers
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _local=threading.local())
-
-    def count(self, nbytes: int) -> None:
-        """Say that ``nbytes`` characters are about to be encoded (from the thread that hands out the work)."""
-        if self._since_build > self.refresh_bytes:
-            self._generation, self._since_build = self._generation + 1, 0
-        self._since_build += nbytes
-
-    def tokenizer(self):
-        """This thread's tokenizer, built anew when due."""
-        local, due = self._local, (os.getpid(), self._generation)
-        if getattr(local, "due", None) != due:
-            local.tokenizer = None  # the old cache goes before the new tokenizer is built
-            local.tokenizer, local.due = self._new(), due
-        return local.tokenizer
+    @contextlib.contextmanager
+    def tokenizer(self, nbytes: int):
+        """A tokenizer to encode ``nbytes`` characters with on this thread: an idle one, or a new one."""
+        with _IDLE_LOCK:
+            idle = _IDLE.get(self.key)
+            lent = idle.pop() if idle else None
+        if lent is None:
+            lent = [self._new(), 0]
+        yield lent[0]
+        lent[1] += nbytes
+        if lent[1] < self.refresh_bytes:  # else dropped with its cache
+            with _IDLE_LOCK:
+                _IDLE.setdefault(self.key, []).append(lent)
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         """Each text's ids (``int32``), as if encoded one by one; gigatoken's ``encode`` releases the GIL."""
-        tokenizer = self.tokenizer()
-        return [tokenizer.encode(text).astype(np.int32) for text in texts]
+        with self.tokenizer(sum(map(len, texts))) as tokenizer:
+            return [tokenizer.encode(text).astype(np.int32) for text in texts]
 
     def _new(self):
         raise NotImplementedError
@@ -115,9 +117,9 @@ class TiktokenRanks(FastBpe):
     """
 
     def __init__(self, encoding: tiktoken.Encoding, pretokenizer: str, refresh_bytes: int):
-        super().__init__(refresh_bytes)
-        self._rank_file = cached_rank_file(encoding) or _rank_file(encoding)
-        self.pretokenizer, self.eot_id = pretokenizer, encoding.eot_token
+        rank_file = cached_rank_file(encoding) or _rank_file(encoding)
+        super().__init__(refresh_bytes, (pretokenizer, encoding.eot_token, hashlib.sha256(rank_file).digest()))
+        self._rank_file, self.pretokenizer, self.eot_id = rank_file, pretokenizer, encoding.eot_token
 
     def _new(self):
         import gigatoken
@@ -133,7 +135,9 @@ class TiktokenRanks(FastBpe):
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         """Each text's ids, the texts (none holding ``<|endoftext|>``) joined by it in one call and split back."""
-        return split_joined(self.tokenizer().encode(EOT_TEXT.join(texts)), self.eot_id)
+        text = EOT_TEXT.join(texts)
+        with self.tokenizer(len(text)) as tokenizer:
+            return split_joined(tokenizer.encode(text), self.eot_id)
 
 
 class HfTokenizer(FastBpe):
@@ -151,7 +155,6 @@ class HfTokenizer(FastBpe):
     SEPARATORS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>", "<eos>")
 
     def __init__(self, path: str, refresh_bytes: int):
-        super().__init__(refresh_bytes)
         if not os.path.isfile(path):
             raise MissingFileError("tokenizer_file", f"tokenizer_file {path!r} does not exist")
         with open(path, encoding="utf-8") as f:
@@ -168,10 +171,11 @@ class HfTokenizer(FastBpe):
         self.path, self.separator, self.eot_id = path, separator, specials[separator]
         self.vocab_size = max([*config["model"]["vocab"].values(), *(t["id"] for t in added)]) + 1
         self._plain = json.dumps({**config, "added_tokens": [t for t in added if not t.get("special")]})
+        super().__init__(refresh_bytes, ("tokenizer.json", hashlib.sha256(self._plain.encode()).digest()))
         self._decoder = None
 
     def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_decoder": None}
+        return {**self.__dict__, "_decoder": None}
 
     def _new(self):
         import gigatoken

@@ -405,6 +405,18 @@ def test_gigatoken_is_built_anew_every_refresh_bytes():
     assert size // 1000 < len(builds) <= 2 * (size // 500 + 2)  # per thread, one per ~500 characters
 
 
+@pytest.mark.skipif("gigatoken" not in BACKENDS, reason="gigatoken is not installed or is disabled")
+def test_a_second_encoder_in_the_process_reuses_the_first_ones_tokenizers():
+    texts = random_texts(200, seed=9)
+    first = BpeEncode(documents(texts), backend="gigatoken", batch_bytes=100, num_threads=2)
+    assert flat(list(Loader(first))) == book_stream(texts, ENC.encode_ordinary)
+    second = BpeEncode(documents(texts), backend="gigatoken", batch_bytes=100, num_threads=2)
+    builds, new = [], second._fast._new
+    second._fast._new = lambda: builds.append(1) or new()
+    assert flat(list(Loader(second))) == book_stream(texts, ENC.encode_ordinary)
+    assert builds == []  # ~0.1 s each: a validation loader, or each create_dataloader_v1, builds none
+
+
 def _encode_in_child(node, queue) -> None:
     queue.put(flat(list(Loader(node))))
 
