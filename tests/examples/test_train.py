@@ -128,9 +128,16 @@ def test_ddp_ranks_read_disjoint_data_and_keep_identical_tables(ddp_8_steps):
     assert sorted(checks) == [("0", "True", "True", "True"), ("1", "True", "True", "True")], out
 
 
-def test_ddp_checkpoint_resumes_every_rank_exactly(tmp_path, ddp_8_steps):
-    checkpoint = str(tmp_path / "ddp.pt")
-    first = losses(ddp("--steps", "4", "--checkpoint", checkpoint))
+@pytest.fixture(scope="module")
+def ddp_4_steps_saved(tmp_path_factory) -> tuple[str, str]:
+    """Two ranks, 4 steps, checkpointed: the output and the checkpoint (only read by the tests)."""
+    checkpoint = str(tmp_path_factory.mktemp("ddp") / "ddp.pt")
+    return ddp("--steps", "4", "--checkpoint", checkpoint), checkpoint
+
+
+def test_ddp_checkpoint_resumes_every_rank_exactly(ddp_4_steps_saved, ddp_8_steps):
+    saved, checkpoint = ddp_4_steps_saved
+    first = losses(saved)
     uninterrupted = losses(ddp_8_steps)
     assert first == {k: uninterrupted[k] for k in (1, 4)}
     assert len(torch.load(checkpoint, weights_only=True)["data"]) == 2  # each rank's pipeline state
@@ -138,12 +145,10 @@ def test_ddp_checkpoint_resumes_every_rank_exactly(tmp_path, ddp_8_steps):
     assert resumed == {8: uninterrupted[8]}  # from step 4 on: the same batches on each rank, model and optimizer
 
 
-def test_ddp_resumes_on_another_number_of_ranks(verdict_path, tmp_path):
-    checkpoint = str(tmp_path / "ddp.pt")
+def test_ddp_resumes_on_another_number_of_ranks(verdict_path, ddp_4_steps_saved):
+    first, checkpoint = ddp_4_steps_saved  # saved by 2 ranks
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     common = ["examples/ddp.py", "--data", str(verdict_path), *TINY, "--piece-bytes", "1024"]
-    save = ["--steps", "4", "--checkpoint", checkpoint]
-    first = run(torchrun + ["--nproc_per_node", "2"] + common + save, timeout=240)
     assert sorted(losses(first)) == [1, 4]
     resume = ["--steps", "8", "--resume", checkpoint]
     out = run(torchrun + ["--nproc_per_node", "1"] + common + resume, timeout=240)
