@@ -49,7 +49,7 @@ class BpeEncode(Stage[dict]):
         batch_bytes: text encoded per call.
         backend: ``auto`` (gigatoken when it is installed and implements the encoding, else tiktoken
             with a notice), ``tiktoken`` or ``gigatoken``.
-        refresh_bytes: text gigatoken encodes between two builds of its tokenizer, whose cache of
+        refresh_bytes: text a gigatoken tokenizer encodes before a new one replaces it: its cache of
             pre-tokens grows with every new word (bounded memory on any corpus).
         tokenizer_file: a local Hugging Face ``tokenizer.json`` to encode with, instead of ``encoding``.
         blocks: give one item per call (all its documents' ids, with their starts: see
@@ -70,7 +70,7 @@ class BpeEncode(Stage[dict]):
         num_threads: Positive = 2,
         batch_bytes: Positive = 1 << 20,
         backend: str = "auto",
-        refresh_bytes: Positive = 1 << 26,
+        refresh_bytes: Positive = 1 << 25,
         tokenizer_file: str | None = None,
         blocks: bool = False,
     ):

@@ -56,7 +56,7 @@ def choose_backend(backend: str, encoding: str) -> str:
     return "tiktoken"
 
 
-_IDLE: dict[tuple, list[list]] = {}  # per build key: [tokenizer, characters it has encoded], none in use
+_IDLE: dict[tuple, list[list]] = {}  # per build key: [tokenizer, characters encoded, thread], none in use
 _IDLE_LOCK = threading.Lock()
 os.register_at_fork(after_in_child=_IDLE.clear)  # a parent's tokenizers (their thread pools) are not a child's
 
@@ -80,11 +80,15 @@ class FastBpe:
     @contextlib.contextmanager
     def tokenizer(self, nbytes: int):
         """A tokenizer to encode ``nbytes`` characters with on this thread: an idle one, or a new one."""
-        with _IDLE_LOCK:
-            idle = _IDLE.get(self.key)
-            lent = idle.pop() if idle else None
+        here = threading.get_ident()
+        with _IDLE_LOCK:  # this thread's own first: its cache grew in this thread's malloc arena
+            idle = _IDLE.get(self.key) or []
+            lent = next((t for t in idle if t[2] == here), idle[-1] if idle else None)
+            if lent is not None:
+                idle.remove(lent)
         if lent is None:
-            lent = [self._new(), 0]
+            lent = [self._new(), 0, here]
+        lent[2] = here
         yield lent[0]
         lent[1] += nbytes
         if lent[1] < self.refresh_bytes:  # else dropped with its cache
