@@ -196,7 +196,7 @@ def main() -> None:
         return
     if not args.source.exists():
         sys.exit(f"memory: source text {args.source} not found; pass --source FILE")
-    from throughput import arrow_corpus, code_fingerprint
+    from throughput import arrow_corpus, code_fingerprint, code_note
 
     OUT.mkdir(exist_ok=True)
     code_before = code_fingerprint()
@@ -262,16 +262,7 @@ def main() -> None:
         else ""
     )
     command = shlex.join([Path(sys.executable).name, *sys.argv])
-    code_after = code_fingerprint()
-    code = (
-        f"code measured: pipeline/ + stages/ sha256 {code_before}"
-        + (
-            ""
-            if code_after == code_before
-            else f" at the start, {code_after} at the end: WARNING, the code changed during the measurements"
-        )
-        + "\n"
-    )
+    code = code_note(code_before)
     text = (
         f"{table}\n\n"
         f"{'Median of ' + str(args.repeats) + ' runs' if args.repeats > 1 else 'One run'} per row, each in a fresh "

@@ -127,16 +127,6 @@ def corpus_files(folder: Path, size: int, source: Path) -> tuple[list[str], int]
     return files, total
 
 
-def code_fingerprint() -> str:
-    """A hash of the code under test (pipeline/ and stages/), as benchmarks/throughput.py computes it."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for path in sorted([*ROOT.glob("pipeline/*.py"), *ROOT.glob("stages/*.py")]):
-        h.update(path.name.encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()[:12]
-
-
 def soak(files: list[str], epochs: int, num_workers: int) -> list[dict]:
     import psutil
 
@@ -371,19 +361,11 @@ def main() -> None:
         long_word(parse_size(args.long_word), args.chunk_bytes)
         return
     files, text_bytes = corpus_files(args.corpus, parse_size(args.size), args.source)
+    from throughput import code_fingerprint, code_note  # beside this script
+
     before = code_fingerprint()
     rows = soak(files, args.max_epochs, args.num_workers)
-    after = code_fingerprint()
-    code = (
-        f"code measured: pipeline/ + stages/ sha256 {before}"
-        + (
-            ""
-            if after == before
-            else f" at the start, {after} at the end "
-            "(changed on disk during the run; the run used the code it imported at the start)"
-        )
-        + "\n"
-    )
+    code = code_note(before)
     text, problems = report(rows, files, text_bytes, args, code)
     print(text)
     OUT.mkdir(exist_ok=True)

@@ -48,9 +48,16 @@ def code_fingerprint() -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for path in sorted([*ROOT.glob("pipeline/*.py"), *ROOT.glob("stages/*.py")]):
-        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted([*ROOT.rglob("pipeline/**/*.py"), *ROOT.rglob("stages/**/*.py")]):
+        h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:12]
+
+
+def code_note(before: str) -> str:
+    """The report's line naming the code measured (fingerprinted with ``code_fingerprint`` at the start)."""
+    after = code_fingerprint()
+    changed = f" at the start, {after} at the end: WARNING, the code changed during the measurements"
+    return f"code measured: pipeline/ + stages/ sha256 {before}{changed if after != before else ''}\n"
 
 
 def arrow_corpus(source: Path, size_text: str) -> Path:
@@ -469,16 +476,7 @@ def main() -> None:
         else ""
     )
     command = shlex.join([Path(sys.executable).name, *sys.argv])
-    code_after = code_fingerprint()
-    code = (
-        f"code measured: pipeline/ + stages/ sha256 {code_before}"
-        + (
-            ""
-            if code_after == code_before
-            else f" at the start, {code_after} at the end: WARNING, the code changed during the measurements"
-        )
-        + "\n"
-    )
+    code = code_note(code_before)
     all_runs = [*base, *ceiling, *(y for v in ours.values() for y in v)]
     seen = Counter(x.get("code") for x in all_runs if "error" not in x)
     if len(seen) > 1:
