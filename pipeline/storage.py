@@ -33,7 +33,8 @@ def is_remote(path: str) -> bool:
     return bool(match) and match.group(1).lower() != "file"
 
 
-def _local(path: str) -> str:
+def local_path(path: str) -> str:
+    """A local path as a path: ``file://`` taken off."""
     return path[len("file://") :] if path.lower().startswith("file://") else path
 
 
@@ -119,7 +120,7 @@ def expand_paths(paths: str | list[str], suffixes: tuple[str, ...] = ()) -> list
         if is_remote(pattern):
             files.extend(_list_remote(pattern, suffixes))
             continue
-        pattern = _local(pattern)
+        pattern = local_path(pattern)
         if os.path.isdir(pattern):
             matches = sorted(p for p in _files_under(pattern) if not suffixes or p.endswith(suffixes))
         elif os.path.isfile(pattern) or not glob.has_magic(pattern):
@@ -157,7 +158,7 @@ def _files_under(folder: str) -> list[str]:
 def is_dir(path: str) -> bool:
     """Whether ``path`` is a local directory or a remote prefix holding objects."""
     if not is_remote(path):
-        return os.path.isdir(_local(path))
+        return os.path.isdir(local_path(path))
     fs, inner = resolve(path)
     return fs.get_file_info(inner).type == pafs.FileType.Directory
 

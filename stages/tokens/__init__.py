@@ -2,7 +2,8 @@
 windows from them.
 
 ``format`` (the manifest and its checks), ``writer`` (shards), ``local_engine`` and ``ray_engine`` (the
-rows to write), ``prepare`` (the atomic job), ``read_tokens`` (the stage).
+rows to write), ``prepare`` (the atomic job), ``read_tokens`` (the stage), ``objects`` (shards in object
+storage, read by ranged requests).
 """
 
 from stages.tokens.read_tokens import ReadTokens, WindowPermutation

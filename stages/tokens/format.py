@@ -2,7 +2,8 @@
 
 A cache folder holds ``tokens-NNNNN.arrow`` shards (Arrow IPC, rows of ``ids`` and ``source``) and
 ``manifest.json``: the encoding (and a sha256 of its BPE ranks), the source files (size, mtime,
-sha256), the counts, the shards (tokens, bytes, sha256) and the config used.
+sha256), the counts, the shards (tokens, bytes, sha256, and where in the file each record batch's
+tokens lie) and the config used. A cache is read from a local folder or from object storage (a URI).
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from pipeline.storage import is_remote, load_text, version
 
 FORMAT, VERSION = "textpipe.token-shards", 1
 MANIFEST = "manifest.json"
@@ -26,6 +31,30 @@ BATCH_TOKENS = 1 << 20  # tokens per record batch: what the writer holds in memo
 class PrepareError(ValueError):
     """prepare cannot go on; the message says why and what to do (the CLI exits 2 with it)."""
 
+
+
+def id_runs(whole: pa.Buffer, dtype: np.dtype, where: str) -> list[list[int]]:
+    """``[byte offset, tokens]`` of each record batch's ids in a shard file (all its bytes in ``whole``),
+    batches without tokens left out: the runs of the token stream the file holds, in order.
+
+    A batch's ``ids`` values are a contiguous run of the file (Arrow IPC buffers are 8-byte aligned),
+    found by address; ``ValueError`` starting with ``where`` when the ids are not stored that way.
+    """
+    runs = []
+    reader = ipc.open_file(whole)
+    for b in range(reader.num_record_batches):
+        column = reader.get_batch(b).column(0)
+        first, last = column.offsets[0].as_py(), column.offsets[-1].as_py()
+        values = column.values
+        if column.type.value_type != pa.from_numpy_dtype(dtype) or values.null_count:
+            raise ValueError(f"{where}: ids are {column.type}, expected list<{dtype}> without nulls")
+        at = values.buffers()[1].address + (values.offset + first) * dtype.itemsize - whole.address
+        if last == first:
+            continue
+        if at % dtype.itemsize or not 0 <= at <= whole.size - (last - first) * dtype.itemsize:
+            raise ValueError(f"{where}: ids are not stored uncompressed in the file")
+        runs.append([at, last - first])
+    return runs
 
 
 def encoding_identity(encoding) -> dict[str, Any]:
@@ -63,18 +92,21 @@ def describe_sources(paths: list[str]) -> list[dict[str, Any]]:
 
 
 def load_manifest(folder: str) -> dict[str, Any]:
-    """The manifest of a token cache; ``ValueError`` naming the folder when there is none."""
-    path = os.path.join(folder, MANIFEST)
-    if not os.path.isfile(path):
-        why = "does not exist" if not os.path.exists(folder) else f"has no {MANIFEST}"
+    """The manifest of a token cache (a local folder or a URI); ``ValueError`` naming the folder when there is none."""
+    try:
+        text = load_text(os.path.join(folder, MANIFEST))
+    except FileNotFoundError as e:
+        why = (
+            f"has no {MANIFEST} ({e})" if is_remote(folder)
+            else "does not exist" if not os.path.exists(folder) else f"has no {MANIFEST}"
+        )
         raise ValueError(
             f"path {folder!r} {why}: it is not a prepared token cache (an interrupted prepare leaves none); "
             f"make one with `python -m pipeline prepare CONFIG --out {folder}`"
-        )
+        ) from None
     try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+        manifest = json.loads(text)
+    except (OSError, ValueError) as e:
         raise ValueError(f"path {folder!r}: cannot read {MANIFEST} ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         found = (
@@ -84,19 +116,28 @@ def load_manifest(folder: str) -> dict[str, Any]:
     return manifest
 
 
-def check_cache(folder: str, manifest: dict[str, Any]) -> None:
-    """Refuse (``ValueError`` naming the folder) missing or resized shards and changed source files.
+def check_cache(folder: str, manifest: dict[str, Any]) -> list[list]:
+    """Refuse (``ValueError`` naming the folder) missing or resized shards and changed source files; give
+    each shard's ``storage.version`` (size, and an object's modification time).
 
     Sizes are compared always; a source's sha256 only when its mtime moved (make's rule). Source files
-    absent here are not checked: the shards stand on their own (e.g. copied to a training machine).
+    absent here are not checked: the shards stand on their own (e.g. copied to a training machine or
+    to object storage). A cache in object storage must say where each shard's tokens lie (``ids_at``).
     """
+    versions = []
     for shard in manifest["shards"]:
         path = os.path.join(folder, shard["file"])
-        if not os.path.isfile(path):
+        versions.append(version(path))
+        size = versions[-1][0]
+        if size is None:
             raise ValueError(
                 f"path {folder!r}: shard {shard['file']} is missing; the cache is incomplete, prepare it again"
             )
-        size = os.path.getsize(path)
+        if is_remote(folder) and "ids_at" not in shard:
+            raise ValueError(
+                f"path {folder!r}: the manifest does not say where shard {shard['file']}'s tokens lie (`ids_at`, "
+                "written by prepare since token caches are read from object storage); prepare it again"
+            )
         if size != shard["bytes"]:
             raise ValueError(
                 f"path {folder!r}: shard {shard['file']} has {size:,} bytes, the manifest says {shard['bytes']:,}; "
@@ -117,3 +158,4 @@ def check_cache(folder: str, manifest: dict[str, Any]) -> None:
                 f"path {folder!r}: stale cache: source {source['path']} changed since the cache was prepared "
                 "(same size, another sha256); prepare it again (prepare --overwrite)"
             )
+    return versions

@@ -1,4 +1,4 @@
-"""``read_tokens``: windows straight from the token shards ``prepare`` wrote, through memory maps."""
+"""``read_tokens``: windows straight from the token shards ``prepare`` wrote, memory-mapped or by ranged requests."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
 
-from stages.tokens.format import check_cache, load_manifest
+from stages.tokens.format import check_cache, id_runs, load_manifest
+from stages.tokens.objects import ObjectError, ObjectShards, request_groups
 from pipeline.registry import register
 from pipeline.schema import FieldError, Positive
 from pipeline.seam import RemainingWindows
 from pipeline.shard import FINISHED, Reader, check_restored
 from pipeline.stage import Stage
+from pipeline.storage import is_remote, local_path
 from stages.sliding_window import input_tokens
 
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)  # splitmix64's finalizer
@@ -61,41 +62,35 @@ class WindowPermutation:
 
 
 class TokenStream:
-    """All shards of a cache as one token stream: memory maps, and where each record batch's tokens lie.
+    """All shards of a cache as one token stream, and where each record batch's tokens lie.
 
-    Each shard file is mapped once and viewed whole as a numpy array of the token dtype; a record
-    batch's ``ids`` values are a contiguous run of it (Arrow IPC buffers are 8-byte aligned), found by
-    address. Windows inside one run are gathered with one fancy index; the rare window that crosses
-    a run (or file) boundary is pieced together.
+    A local shard file is mapped once and viewed whole as a numpy array of the token dtype; a record
+    batch's ``ids`` values are a contiguous run of it (``format.id_runs``). Windows inside one run are
+    gathered with one fancy index; the rare window that crosses a run (or file) boundary is pieced
+    together. Shards in object storage are read by ranged requests at the runs the manifest lists
+    (``ids_at``): windows near each other in the stream share a request, requests run on threads.
     """
 
-    def __init__(self, folder: str, manifest: dict[str, Any]):
+    def __init__(self, folder: str, manifest: dict[str, Any], versions: list[list]):
         dtype = np.dtype(manifest["dtype"])
-        self.files, starts, lengths, bases, owners = [], [], [], [], []
+        shards = manifest["shards"]
+        self.files, self.objects = [], None
+        if is_remote(folder):
+            uris = [os.path.join(folder, shard["file"]) for shard in shards]
+            self.objects = ObjectShards(uris, versions, dtype)
+            runs = [shard["ids_at"] for shard in shards]
+        else:
+            runs = []
+            for shard in shards:
+                whole = pa.memory_map(os.path.join(folder, shard["file"]), "r").read_buffer()
+                self.files.append(np.frombuffer(whole, dtype=dtype, count=whole.size // dtype.itemsize))
+                runs.append(id_runs(whole, dtype, f"path {folder!r}: shard {shard['file']}"))
+        starts, lengths, bases, owners = [], [], [], []
         total = 0
-        for f, shard in enumerate(manifest["shards"]):
-            path = os.path.join(folder, shard["file"])
-            whole = pa.memory_map(path, "r").read_buffer()
-            self.files.append(np.frombuffer(whole, dtype=dtype, count=whole.size // dtype.itemsize))
-            reader = ipc.open_file(whole)
-            for b in range(reader.num_record_batches):
-                column = reader.get_batch(b).column(0)
-                first, last = column.offsets[0].as_py(), column.offsets[-1].as_py()
-                values = column.values
-                if column.type.value_type != pa.from_numpy_dtype(dtype) or values.null_count:
-                    raise ValueError(
-                        f"path {folder!r}: shard {shard['file']}: ids are {column.type}, "
-                        f"expected list<{dtype}> without nulls"
-                    )
-                at = values.buffers()[1].address + (values.offset + first) * dtype.itemsize - whole.address
-                if last == first:
-                    continue
-                if at % dtype.itemsize or not 0 <= at // dtype.itemsize <= len(self.files[-1]) - (last - first):
-                    raise ValueError(
-                        f"path {folder!r}: shard {shard['file']}: ids are not stored uncompressed in the file"
-                    )
-                starts.append(total), lengths.append(last - first), bases.append(at // dtype.itemsize), owners.append(f)
-                total += last - first
+        for f, file_runs in enumerate(runs):
+            for at, count in file_runs:
+                starts.append(total), lengths.append(count), bases.append(at // dtype.itemsize), owners.append(f)
+                total += count
         if total != manifest["counts"]["tokens"]:
             raise ValueError(
                 f"path {folder!r}: the shards hold {total:,} tokens, the manifest says {manifest['counts']['tokens']:,}"
@@ -109,6 +104,8 @@ class TokenStream:
 
     def gather(self, starts: np.ndarray, span: int) -> np.ndarray:
         """Windows ``tokens[s : s + span]`` for each start ``s``, as int32 ``[len(starts), span]``."""
+        if self.objects is not None:
+            return self._gather_ranged(starts, span)
         out = np.empty((len(starts), span), dtype=np.int32)
         run = np.searchsorted(self.starts, starts, side="right") - 1
         local = starts - self.starts[run]
@@ -123,19 +120,39 @@ class TokenStream:
             out[row] = self._piece(int(run[row]), int(local[row]), span)
         return out
 
+    def _gather_ranged(self, starts: np.ndarray, span: int) -> np.ndarray:
+        out = np.empty((len(starts), span), dtype=np.int32)
+        order = np.argsort(starts, kind="stable")
+        ordered = starts[order]
+        run = np.searchsorted(self.starts, ordered, side="right") - 1
+        local = ordered - self.starts[run]
+        cuts = request_groups(ordered.tolist(), run.tolist(), (local + span > self.lengths[run]).tolist(), span)
+
+        def read(first: int, stop: int) -> None:
+            low = int(local[first])
+            tokens = self._piece(int(run[first]), low, int(local[stop - 1]) + span - low)
+            out[order[first:stop]] = tokens[(local[first:stop] - low)[:, None] + np.arange(span)]
+
+        self.objects.map(read, cuts, cuts[1:] + [len(starts)])
+        return out
+
     def _piece(self, run: int, local: int, span: int) -> np.ndarray:
+        """Tokens ``local : local + span`` from the start of ``run``, on across runs and files."""
         pieces = []
         while span > 0:
             take = min(span, int(self.lengths[run]) - local)
-            base = int(self.bases[run]) + local
-            pieces.append(self.files[self.owners[run]][base : base + take])
+            base, owner = int(self.bases[run]) + local, int(self.owners[run])
+            if self.objects is not None:
+                pieces.append(self.objects.read(owner, base, take))
+            else:
+                pieces.append(self.files[owner][base : base + take])
             span, run, local = span - take, run + 1, 0
         return np.concatenate(pieces)
 
 
 @register("read_tokens")
 class ReadTokens(Reader, Stage[np.ndarray]):
-    """Windows from a token cache made by ``python -m pipeline prepare``, memory-mapped.
+    """Windows from a token cache made by ``python -m pipeline prepare``: a local folder (memory-mapped) or a URI.
 
     The shards are one token stream, the very one the streaming reader and encoder give, and windows
     start at ``i in range(0, N - max_length, stride)`` over it, exactly as ``sliding_window`` cuts
@@ -146,10 +163,13 @@ class ReadTokens(Reader, Stage[np.ndarray]):
     workers had not reached are dealt out in the order's sequence: each next window is the one after
     the saved positions, by any topology. At construction the manifest, the shards' sizes and the source
     files' sizes are checked (a source's sha256 only when its mtime moved): a stale or damaged cache is
-    refused. Items are int32 blocks ``[n, max_length + 1]``, as from ``sliding_window``.
+    refused. Items are int32 blocks ``[n, max_length + 1]``, as from ``sliding_window``. A cache in
+    object storage (``s3://bucket/cache``, ``gs://...``: ``pipeline.storage``) is read by ranged requests
+    of the tokens each block of windows needs, never a whole object; a shard object replaced since the
+    pipeline was built is refused by name.
 
     Args:
-        path: the cache folder (``prepare --out``).
+        path: the cache folder (``prepare --out``), or its URI (``s3://``, ``gs://``, ``file://``).
         max_length: tokens in each input (and target).
         stride: tokens between the starts of consecutive windows (may exceed ``max_length``).
         shuffle, seed: a seeded permutation of all windows, another each epoch.
@@ -176,9 +196,10 @@ class ReadTokens(Reader, Stage[np.ndarray]):
     ):
         super().__init__()
         path = os.fspath(path)
+        path = path.rstrip("/") if is_remote(path) else local_path(path)
         try:
             self.manifest = load_manifest(path)
-            check_cache(path, self.manifest)
+            self.versions = check_cache(path, self.manifest)  # the shards' [size(, mtime)], checked again on reading
         except ValueError as e:
             raise FieldError("path", str(e)) from None
         made_with = self.manifest["encoding"]["name"]
@@ -203,7 +224,7 @@ class ReadTokens(Reader, Stage[np.ndarray]):
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
         if self._stream is None:
-            self._stream = TokenStream(self.path, self.manifest)
+            self._stream = TokenStream(self.path, self.manifest, self.versions)
         if initial_state is None:
             self._epoch, self._position = self._epoch + 1, 0
         else:
@@ -251,7 +272,10 @@ class ReadTokens(Reader, Stage[np.ndarray]):
             index = self._numbers(index)
         if self._order is not None:
             index = self._order(index)
-        block = self._stream.gather(index * self.stride, self.max_length + 1)
+        try:
+            block = self._stream.gather(index * self.stride, self.max_length + 1)
+        except ObjectError as e:
+            raise self.error(e.why, e.uri) from None
         self._position += n
         self.stats["windows"] += n
         return block

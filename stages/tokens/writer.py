@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from stages.tokens.format import BATCH_TOKENS, SHARD_NAME, SHARD_TOKENS, PrepareError, file_sha256
+from stages.tokens.format import BATCH_TOKENS, SHARD_NAME, SHARD_TOKENS, PrepareError, file_sha256, id_runs
 
 
 def id_lists(ids: list[np.ndarray], dtype: np.dtype, n_vocab: int) -> pa.ListArray:
@@ -83,7 +83,9 @@ class ShardWriter:
         shard = self.shards[-1]
         path = os.path.join(self.folder, shard["file"])
         _fsync(path)
-        shard.update(bytes=os.path.getsize(path), sha256=file_sha256(path))
+        with pa.memory_map(path) as f:  # where its tokens lie: read_tokens reads them by ranged requests from there
+            ids_at = id_runs(f.read_buffer(), self.dtype, path)
+        shard.update(bytes=os.path.getsize(path), sha256=file_sha256(path), ids_at=ids_at)
         if self.on_shard is not None:
             self.on_shard(shard)
 

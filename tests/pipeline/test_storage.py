@@ -11,17 +11,23 @@ import itertools
 import json
 import random
 import threading
+import time
 import warnings
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
+import numpy as np
 import pytest
 import zstandard
+from torchdata.nodes import Loader
 
 from pipeline import Pipeline
 from pipeline.stage import StageError
 from stages import BpeEncode, ReadArrow, ReadJsonl, ReadText
-from tests.corpora import write_arrow_corpus
+from stages.tokens import ReadTokens, objects
+from stages.tokens.prepare import prepare
+from tests.corpora import write_arrow_corpus, write_text_corpus
 from tests.resume import check_resume
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] (dev extra) runs the S3-compatible server")
@@ -159,8 +165,11 @@ def test_missing_object_and_wrong_bucket_are_clear_errors(tmp_path, bucket):
         list(node)
 
 
-def _flaky_proxy(target: str, failures: int) -> tuple[ThreadingHTTPServer, Counter]:
-    """An HTTP proxy to ``target`` that answers 503 SlowDown to the first ``failures`` GETs of each object."""
+def _flaky_proxy(
+    target: str, failures: int, log: list | None = None
+) -> tuple[ThreadingHTTPServer, Counter]:
+    """An HTTP proxy to ``target`` that answers 503 SlowDown to the first ``failures`` GETs of each object
+    (and appends ``(method, key, Range header, bytes sent)`` of each request it forwards to ``log``)."""
     host, port = target.removeprefix("http://").split(":")
     refused: Counter = Counter()
 
@@ -196,6 +205,8 @@ def _flaky_proxy(target: str, failures: int) -> tuple[ThreadingHTTPServer, Count
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(data)
+            if log is not None:
+                log.append((self.command, key, self.headers.get("Range"), len(data)))
 
         do_GET = do_HEAD = do_PUT = do_POST = _forward
 
@@ -270,3 +281,135 @@ def test_hugging_face_dataset_dict_folder_on_s3(tmp_path, bucket):
         ReadArrow(f"s3://{name}/dd")
     assert [d["text"] for d in ReadArrow(f"s3://{name}/dd", split="train")] == splits["train"]
     assert [d["text"] for d in ReadArrow(f"s3://{name}/dd/", split="validation")] == splits["validation"]
+
+
+# --- read_tokens: a token cache in object storage ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def token_cache(tmp_path_factory) -> Path:
+    """A token cache prepared locally, in shards of ~2000 tokens and record batches of ~500: windows cross both."""
+    root = tmp_path_factory.mktemp("tokens")
+    write_text_corpus(root / "corpus")
+    config = {"stages": {
+        "read": {"type": "read_text", "paths": [str(root / "corpus")], "chunk_bytes": 300, "shard_bytes": 2000},
+        "encode": {"type": "bpe_encode", "input": "read", "batch_bytes": 500},
+    }}
+    assert len(prepare(config, root / "cache", shard_tokens=2000, batch_tokens=500)["shards"]) > 4
+    return root / "cache"
+
+
+def _upload_cache(cache: Path, put, prefix: str = "cache") -> None:
+    for path in sorted(cache.iterdir()):
+        put(f"{prefix}/{path.name}", path.read_bytes())
+
+
+def _windows(node) -> np.ndarray:
+    return np.concatenate([np.asarray(block) for block in Loader(node)])
+
+
+@pytest.mark.parametrize(
+    "max_length,stride,shuffle,small_requests",
+    [(8, 3, False, False), (16, 40, False, False), (8, 3, True, False), (8, 3, False, True), (64, 7, True, True)],
+)
+def test_read_tokens_from_s3_equals_the_local_cache(
+    token_cache, bucket, monkeypatch, max_length, stride, shuffle, small_requests
+):
+    name, put = bucket
+    _upload_cache(token_cache, put)
+    if small_requests:  # many requests a block, each of a few windows
+        monkeypatch.setattr(objects, "GAP_TOKENS", 5)
+        monkeypatch.setattr(objects, "READ_TOKENS", 2 * max_length + 20)
+    args = dict(max_length=max_length, stride=stride, shuffle=shuffle, seed=3, block_windows=300)
+    local = _windows(ReadTokens(str(token_cache), **args))
+    assert len(local) > 300
+    assert np.array_equal(_windows(ReadTokens(f"s3://{name}/cache{'/' if shuffle else ''}", **args)), local)
+    assert np.array_equal(_windows(ReadTokens(f"file://{token_cache}", **args)), local)
+
+
+def test_read_tokens_reads_byte_ranges_not_whole_objects(tmp_path, bucket, s3_endpoint, monkeypatch):
+    name, put = bucket
+    write_text_corpus(tmp_path / "corpus")
+    config = {"stages": {
+        "read": {"type": "read_text", "paths": [str(tmp_path / "corpus")]},
+        "encode": {"type": "bpe_encode", "input": "read"},
+    }}
+    manifest = prepare(config, tmp_path / "cache", batch_tokens=1000)  # one shard, batches of ~1000 tokens
+    assert len(manifest["shards"]) == 1 and manifest["counts"]["tokens"] > 10_000
+    _upload_cache(tmp_path / "cache", put)
+    log: list = []
+    server, _ = _flaky_proxy(s3_endpoint, failures=0, log=log)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        node = ReadTokens(f"s3://{name}/cache", max_length=16, stride=16, block_windows=20)
+        block = next(iter(Loader(node)))
+    finally:
+        server.shutdown()
+    expected = next(iter(Loader(ReadTokens(str(tmp_path / "cache"), 16, 16, block_windows=20))))
+    assert np.array_equal(block, expected)
+    reads = [(r, sent) for method, key, r, sent in log if method == "GET" and key.endswith(".arrow")]
+    assert reads and all(r is not None and r.startswith("bytes=") for r, _ in reads)  # ranged requests only
+    # the first 20 windows: their 340 tokens and the footer, not the 20+ KB object
+    assert sum(sent for _, sent in reads) < manifest["shards"][0]["bytes"] / 4
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_read_tokens_from_s3_world_size_2_by_2_workers_each_window_exactly_once(token_cache, bucket, shuffle):
+    name, put = bucket
+    _upload_cache(token_cache, put)
+    stage = {"type": "read_tokens", "path": f"s3://{name}/cache", "max_length": 8, "stride": 3, "shuffle": shuffle,
+             "block_windows": 16}
+    seen = []
+    for rank in range(2):
+        pipe = Pipeline.from_config({"stages": {"tokens": stage}}, rank=rank, world_size=2, num_workers=2)
+        seen += [row.tobytes() for block in pipe for row in np.asarray(block)]
+    local = _windows(ReadTokens(str(token_cache), 8, 3))
+    assert len(seen) == len(local) and Counter(seen) == Counter(row.tobytes() for row in local)
+
+
+def test_read_tokens_resume_from_s3_is_exact(token_cache, bucket):
+    name, put = bucket
+    _upload_cache(token_cache, put)
+    reference = check_resume(
+        lambda: ReadTokens(f"s3://{name}/cache", 16, 23, shuffle=True, seed=2, block_windows=60), stop_after=[0, 3]
+    )
+    assert len(reference) > 5
+
+
+def test_read_tokens_refuses_a_replaced_shard_object(token_cache, bucket):
+    name, put = bucket
+    _upload_cache(token_cache, put)
+    shard = sorted(token_cache.glob("tokens-*.arrow"))[1]
+    config = {"stages": {"tokens": {"type": "read_tokens", "path": f"s3://{name}/cache", "max_length": 8,
+                                    "stride": 3}}}
+    pipe = Pipeline.from_config(config, num_workers=0)
+    next(iter(pipe))
+    state = json.loads(json.dumps(pipe.state_dict()))
+    node = ReadTokens(f"s3://{name}/cache", 8, 3)
+    time.sleep(1.1)  # S3 keeps modification times in whole seconds
+    put(f"cache/{shard.name}", shard.read_bytes())  # the same size: only its modification time tells
+    with pytest.raises(ValueError, match="`corpus` was"):
+        Pipeline.from_config(config, num_workers=0).load_state_dict(state)
+    with pytest.raises(StageError, match=rf"stage 'read_tokens', file s3://{name}/cache/{shard.name}: changed since"):
+        list(Loader(node))
+
+
+def test_read_tokens_missing_cache_bucket_shard_and_layout_are_clear_errors(token_cache, bucket):
+    name, put = bucket
+    with pytest.raises(ValueError, match=rf"s3://{name}/nowhere.*no such object.*not a prepared token cache"):
+        ReadTokens(f"s3://{name}/nowhere", 8, 3)
+    with pytest.raises(ValueError, match="no bucket s3://no-such-bucket-here.*not a prepared token cache"):
+        ReadTokens("s3://no-such-bucket-here/cache", 8, 3)
+    manifest = json.loads((token_cache / "manifest.json").read_text())
+    for path in sorted(token_cache.glob("tokens-*.arrow"))[1:]:
+        put(f"cache/{path.name}", path.read_bytes())
+    put("cache/manifest.json", json.dumps(manifest).encode())
+    with pytest.raises(ValueError, match=rf"s3://{name}/cache.*shard tokens-00000\.arrow is missing"):
+        ReadTokens(f"s3://{name}/cache", 8, 3)
+    shard = sorted(token_cache.glob("tokens-*.arrow"))[0]
+    put(f"cache/{shard.name}", shard.read_bytes())
+    for entry in manifest["shards"]:
+        del entry["ids_at"]  # a cache prepared before shards said where their tokens lie
+    put("cache/manifest.json", json.dumps(manifest).encode())
+    with pytest.raises(ValueError, match=r"does not say where shard tokens-00000\.arrow.s tokens lie.*prepare it"):
+        ReadTokens(f"s3://{name}/cache", 8, 3)
