@@ -9,9 +9,11 @@ generated once into bench-out/. Each measurement is a fresh subprocess:
 - memory: ``ReadJsonl(corpus)`` streamed to the end, peak RSS = the process's ``ru_maxrss``;
   the large corpus's peak is given as a ratio to the small one's (one run each).
 - rate, on the first --rate-mb MB of the small corpus's documents: ``read_jsonl`` alone (decompress,
-  split, parse, build documents; MB/s of document text), and ``bpe_encode`` alone fed the same
-  documents from a list in memory (MB/s of the same text). The ratio is read / encode; the table
-  shows medians over --repeats (each repeat runs both, one after the other).
+  split, parse, build documents; MB/s of document text); ``bpe_encode`` alone fed the same documents
+  from a list in memory (its default backend and threads); and the raw gigatoken encoder alone, one
+  thread, on the same texts joined by ``<|endoftext|>`` into ~1 MB calls (its tokenizer built before
+  the clock starts). Ratios are read / encoder per repeat; the table shows medians over --repeats
+  (each repeat a fresh process running the three, one after the other). --rate-only skips the memory runs.
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ def child(mode: str, corpus: Path, rate_mb: float) -> dict:
         if text_bytes >= limit:
             break
     read_seconds = time.perf_counter() - start
-    encode = Pipeline(BpeEncode(IterableWrapper(docs)), num_workers=0)
+    stage = BpeEncode(IterableWrapper(docs))
+    encode = Pipeline(stage, num_workers=0)
     start, tokens = time.perf_counter(), 0
     for item in encode:
         tokens += len(item["ids"])
@@ -91,8 +94,29 @@ def child(mode: str, corpus: Path, rate_mb: float) -> dict:
         "text_mb": text_bytes / 1e6,
         "read_mb_s": text_bytes / 1e6 / read_seconds,
         "encode_mb_s": text_bytes / 1e6 / encode_seconds,
+        "backend": f"{stage.backend}, {stage.num_threads} threads",
+        "gigatoken_mb_s": text_bytes / 1e6 / gigatoken_seconds([d["text"] for d in docs]),
         "tokens": tokens,
     }
+
+
+def gigatoken_seconds(texts: list[str]) -> float:
+    """Seconds the raw gigatoken encoder takes over ``texts`` on one thread, in ~1 MB calls."""
+    from stages.encoding import EOT_TEXT, load_encoding
+    from stages.fast_bpe import PRETOKENIZERS, TiktokenRanks
+
+    tokenizer = TiktokenRanks(load_encoding("gpt2"), PRETOKENIZERS["gpt2"], 1 << 62).tokenizer()
+    calls, size = [[]], 0
+    for text in texts:
+        calls[-1].append(text)
+        size += len(text)
+        if size >= 1 << 20:
+            calls, size = [*calls, []], 0
+    joined = [EOT_TEXT.join(call) for call in calls if call]
+    start = time.perf_counter()
+    for text in joined:
+        tokenizer.encode(text)
+    return time.perf_counter() - start
 
 
 def run(mode: str, corpus: Path, rate_mb: float) -> dict:
@@ -109,43 +133,52 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rate-mb", type=float, default=20.0, help="MB of document text for the rate runs")
     ap.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
+    ap.add_argument("--rate-only", action="store_true", help="skip the memory runs (and the large corpus)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.corpus, args.rate_mb)), flush=True)
         return
-    small, large = (jsonl_corpus(args.source, s) for s in args.sizes)
-    memory = {s: [run("memory", c, 0)] for s, c in zip(args.sizes, (small, large))}  # peak RSS barely varies: one run
+    small = jsonl_corpus(args.source, args.sizes[0])
     rates = [run("rate", small, args.rate_mb) for _ in range(args.repeats)]
 
     def med(rows: list[dict], key: str) -> float:
         return statistics.median(r[key] for r in rows)
 
-    peak = {s: med(rows, "ru_maxrss_mb") for s, rows in memory.items()}
-    lines = [
-        "| corpus (uncompressed) | .zst size (MB) | documents | peak RSS (MB) | ratio to the small one | seconds |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for s, c in zip(args.sizes, (small, large)):
-        lines.append(
-            f"| {s} | {c.stat().st_size / 1e6:,.0f} | {med(memory[s], 'docs'):,.0f} | {peak[s]:.0f} | "
-            f"{peak[s] / peak[args.sizes[0]]:.2f} | {med(memory[s], 'seconds'):.1f} |"
-        )
-    read, encode = med(rates, "read_mb_s"), med(rates, "encode_mb_s")
-    ratio = statistics.median(r["read_mb_s"] / r["encode_mb_s"] for r in rates)
+    lines = []
+    if not args.rate_only:
+        large = jsonl_corpus(args.source, args.sizes[1])
+        memory = {s: [run("memory", c, 0)] for s, c in zip(args.sizes, (small, large))}  # barely varies: one run
+        peak = {s: med(rows, "ru_maxrss_mb") for s, rows in memory.items()}
+        lines = [
+            "| corpus (uncompressed) | .zst size (MB) | documents | peak RSS (MB) | ratio to the small one | seconds |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for s, c in zip(args.sizes, (small, large)):
+            lines.append(
+                f"| {s} | {c.stat().st_size / 1e6:,.0f} | {med(memory[s], 'docs'):,.0f} | {peak[s]:.0f} | "
+                f"{peak[s] / peak[args.sizes[0]]:.2f} | {med(memory[s], 'seconds'):.1f} |"
+            )
+        lines.append("")
+
+    def ratio(key: str) -> float:
+        return statistics.median(r["read_mb_s"] / r[key] for r in rates)
+
     lines += [
-        "",
-        "| stage alone, same documents | MB/s of document text |",
-        "| --- | --- |",
-        f"| read_jsonl (.jsonl.zst: decompress, parse, documents) | {read:.0f} |",
-        f"| bpe_encode (from a list in memory) | {encode:.1f} |",
-        f"| ratio read / encode | {ratio:.1f}x |",
+        "| stage alone, same documents | MB/s of document text | read_jsonl's rate / this |",
+        "| --- | --- | --- |",
+        f"| read_jsonl (.jsonl.zst: decompress, parse, documents) | {med(rates, 'read_mb_s'):.0f} | |",
+        f"| bpe_encode (from a list in memory; {rates[0]['backend']}) | {med(rates, 'encode_mb_s'):.0f} | "
+        f"{ratio('encode_mb_s'):.2f}x |",
+        f"| raw gigatoken, 1 thread, ~1 MB calls | {med(rates, 'gigatoken_mb_s'):.0f} | "
+        f"{ratio('gigatoken_mb_s'):.2f}x |",
     ]
     text = "\n".join(lines) + (
         f"\n\nOne memory run per corpus; rates: medians of {args.repeats} runs, each a fresh process, over the "
         f"first {args.rate_mb:g} MB of document text. python {platform.python_version()}, "
-        f"pyarrow {version('pyarrow')}, orjson {version('orjson')}, tiktoken {version('tiktoken')}\n"
+        f"pyarrow {version('pyarrow')}, orjson {version('orjson')}, tiktoken {version('tiktoken')}, "
+        f"gigatoken {version('gigatoken')}\n"
         f"command: {shlex.join(['python', *sys.argv])}\n"
     )
     print(text)

@@ -11,6 +11,7 @@ from pipeline.schema import FieldError
 # for one (a column `ids` replacing the tokens, `offset` and `end` joining separate documents), so readers
 # that carry a record's fields leave such a field out (warned, by name) or refuse it when it is asked for.
 FIELDS = ("text", "source", "offset", "end", "shard", "record", "ids", "mix", "split")
+KNOWN_KEY_SETS = 256  # distinct key sets whose choice a reader remembers (JSON records may vary their keys)
 
 
 class Carried:
@@ -33,11 +34,22 @@ class Carried:
                 "for it; rename it in the corpus",
             )
         self.wanted, self.kind, self._warned = wanted, kind, set()
+        self._known: dict[tuple, list[str]] = {}  # by (names available, text): records mostly repeat their keys
 
     def names(self, available: Collection[str], text: str | None = None) -> list[str]:
-        """The names to carry of a record's ``available`` ones (``text``, the text's own, is never carried)."""
+        """The names to carry of a record's ``available`` ones (``text``, the text's own, is never carried).
+        The list given is shared: read it, do not change it."""
         if self.wanted is not None:
-            return list(self.wanted)
+            return self.wanted
+        key = (tuple(available), text)
+        found = self._known.get(key)
+        if found is None:
+            found = self._choose(available, text)
+            if len(self._known) < KNOWN_KEY_SETS:
+                self._known[key] = found
+        return found
+
+    def _choose(self, available: Collection[str], text: str | None) -> list[str]:
         carried = [n for n in available if n not in FIELDS and n != text]
         if len(carried) + (text in available) < len(available):  # some clash: warn about the new ones
             left_out = sorted({n for n in available if n in FIELDS and n != text} - self._warned)
@@ -46,6 +58,6 @@ class Carried:
                 warnings.warn(
                     f"{self.kind}s {left_out} are named like fields of the pipeline's own ({', '.join(FIELDS)}) "
                     "and are not carried, or they would be taken for them; rename them in the corpus to keep them",
-                    stacklevel=3,
+                    stacklevel=4,
                 )
         return carried
