@@ -320,3 +320,17 @@ def test_fields_named_ids_offset_end_leave_the_tokens_as_they_are(tmp_path):
     expected = enc.encode("<|endoftext|>".join(texts), allowed_special={"<|endoftext|>"})
     assert [int(t) for item in items for t in item["ids"]] == expected
     assert [item["lang"] for item in items] == ["o", "t", "s"]
+
+
+def test_records_with_other_keys_carry_their_own_fields(tmp_path):
+    """The fields to carry are chosen once per key set: records that vary their keys (and a clash that first
+    appears late) still carry exactly their own."""
+    path = tmp_path / "c.jsonl"
+    records = [{"text": f"t{i}", "a": i} if i % 3 else {"b": i, "text": f"t{i}", "a": -i} for i in range(30)]
+    records += [{"text": "late", "a": 1, "end": 5}, {"text": "last", "c": None}]
+    raw = _write(path, records)
+    with pytest.warns(UserWarning, match=r"fields \['end'\] are named like fields of the pipeline's own"):
+        docs = list(ReadJsonl(str(path)))
+    assert [{k: v for k, v in d.items() if k not in META} for d in docs] == [
+        {k: v for k, v in o.items() if k != "end"} for o in _oracle(raw)
+    ]
