@@ -31,6 +31,7 @@ from pipeline.progress import Progress, corpus_bytes
 from pipeline.registry import ConfigError, stage_class
 from pipeline.shard import Reader
 from pipeline.stage import upstream_nodes
+from pipeline.storage import is_remote
 from stages.tokens import local_engine, ray_engine
 from stages.tokens.format import (
     BATCH_TOKENS,
@@ -145,6 +146,11 @@ def prepare(
     """
     if engine not in ("local", "ray"):
         raise PrepareError(f"engine must be `local` or `ray`, got {engine!r}")
+    if is_remote(os.fspath(out)):
+        raise PrepareError(
+            f"--out {os.fspath(out)!r}: prepare writes a local folder; copy it to object storage (e.g. `aws s3 "
+            "sync`) and read it there with read_tokens"
+        )
     for field, value in (("shard_tokens", shard_tokens), ("batch_tokens", batch_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise PrepareError(f"{field} must be a positive integer, got {value!r}")
