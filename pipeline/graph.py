@@ -371,7 +371,7 @@ class Pipeline:
         roots = sorted(zip(ranks, (one["loader"]["root"] for one in states)), key=lambda pair: pair[0])
         found = reader_states(stage_root, roots, wrapped, old_world)
         # ranks may be in different epochs (their shares differ): each epoch up to the last gets a seam
-        epochs = {epoch for per_worker in found.values() for epoch, _, _ in per_worker.values()}
+        epochs = {epoch for per_worker in found.values() for epoch, *_ in per_worker.values()}
         first, old_slots = min(epochs), old_world * max(old_workers, 1)
         for node in upstream_nodes(self.root):
             if isinstance(node, Reader):

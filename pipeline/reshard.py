@@ -23,7 +23,8 @@ from pipeline.workers import Workers
 
 
 def reader_states(root, states: list[tuple[int, dict]], wrapped, old_world: int) -> dict[int, dict]:
-    """Per reader (by ``id``): ``{g: (epoch, state or None, ended)}`` over the old global workers of ``states``.
+    """Per reader (by ``id``): ``{g: (epoch, state or None, ended, head)}`` over the old global workers of
+    ``states``.
 
     ``states`` are the old ranks' ``(rank, root state)``; ``root`` the output stage; ``wrapped`` the
     stage that ran in worker processes under the old topology (None: no workers). A stage's state
@@ -31,10 +32,12 @@ def reader_states(root, states: list[tuple[int, dict]], wrapped, old_world: int)
     (``consumed``, e.g. windows in batches) are replayed here, as the old worker that made them, so
     the readers' states below are where the data used stops, not where the replay would start. A
     worker whose windows had all been used has ``ended``: what its window stage still held was its tail.
+    A piece whose first tokens windows had used (``SlidingWindow.continued``) goes on after them: ``head`` is its
+    reader's frontier at that piece (``ShardedSource.frontier_of``), else None.
     """
     found: dict[int, dict] = {}
 
-    def walk(node, state, place: RunContext, epoch: int | None, inside: bool, ended: bool = False) -> None:
+    def walk(node, state, place: RunContext, epoch: int | None, inside: bool, ended: bool = False, piece=None) -> None:
         if node is wrapped and not inside:
             epoch, per_worker = Workers.worker_states(state)
             for w, sub in enumerate(per_worker):
@@ -42,27 +45,48 @@ def reader_states(root, states: list[tuple[int, dict]], wrapped, old_world: int)
             return
         if isinstance(node, Reader):
             g = place.rank * place.num_workers + place.worker
-            found.setdefault(id(node), {})[g] = (epoch if state is None else state["epoch"], state, ended)
+            head = None
+            if piece is not None:
+                with _as(node, place, state, epoch):
+                    head = node.frontier_of(*piece)
+            found.setdefault(id(node), {})[g] = (epoch if state is None else state["epoch"], state, ended, head)
             return
-        if state is not None and not ended and hasattr(node, "skip"):
+        if state is not None and not ended and hasattr(node, "skip"):  # a stage that cuts windows
             ended = _at_end(node, state, place, epoch)
+            if not ended:
+                with _as(node, place, state, epoch):
+                    piece = node.continued(state)
         children = stage_inputs(node)
         subs = node.source_states(state) if state is not None else [None] * len(children)
         used = node.consumed(state) if state is not None else 0
         if used and children[0] is wrapped and not inside:
             epoch, per_worker = Workers.worker_states(subs[0])
             per_worker = _replay_workers(wrapped, per_worker, epoch, Workers.last_worker(subs[0]), used, place)
-            for w, sub in enumerate(per_worker):
-                walk(wrapped, sub, replace(place, worker=w, num_workers=len(per_worker)), epoch, True)
+            places = [replace(place, worker=w, num_workers=len(per_worker)) for w in range(len(per_worker))]
+            if node.scattered(state) and not all(_at_end(wrapped, s, w, epoch) for s, w in zip(per_worker, places)):
+                raise _scattered(node, state, place)
+            for sub, worker in zip(per_worker, places):
+                walk(wrapped, sub, worker, epoch, True)
             return
         if used:
             subs = [_replayed(children[0], subs[0], place, epoch, used)]
-        for child, sub in zip(children, subs):
-            walk(child, sub, place, epoch, inside, ended)
+            if node.scattered(state) and not _at_end(children[0], subs[0], place, epoch):
+                raise _scattered(node, state, place)
+        for child, sub in zip(children, subs):  # a piece drawn by a mix came from the input it names
+            mine = piece is not None and (len(children) == 1 or getattr(child, "name", None) == piece[0].get("mix"))
+            walk(child, sub, place, epoch, inside, ended, piece if mine else None)
 
     for rank, state in states:
         walk(root, state, RunContext(rank=rank, world_size=old_world), None, False)
     return found
+
+
+def _scattered(node, state: dict, place: RunContext) -> ValueError:
+    """The refusal of a state whose used rows another topology cannot tell from the others."""
+    return ValueError(
+        f"reshard=True: stage '{node.name}' of rank {place.rank}: {node.scattered(state)}; the rows used are "
+        "scattered over more of its input, which another topology would read again"
+    )
 
 
 @contextmanager
@@ -132,17 +156,20 @@ def make_seam(
     among: list[int],
 ) -> dict:
     """The seam ``reader`` reads ``epoch`` from: each old global worker's frontier in that epoch (``old``:
-    g -> (its epoch, its state, whether it had ended); a worker in a later epoch had finished this one).
+    g -> (its epoch, its state, whether it had ended, its frontier at a piece it was in, or None); a worker
+    in a later epoch had finished this one).
     ``saved``: the seams the old pipelines kept for this reader (those of an earlier reshard)."""
     groups: list = []
-    kept = [s.get("seams", {}) for _, s, _ in old.values() if s is not None] + saved
+    kept = [s.get("seams", {}) for _, s, _, _ in old.values() if s is not None] + saved
     previous = [seams[str(epoch)] for seams in kept if str(epoch) in seams]
     for group in (g for seam in previous for g in seam["groups"]):  # rank-local seams of one epoch: merged
         if group not in groups:
             groups.append(group)
     at = {
-        str(g): reader.frontier(state if e == epoch else None, finished=e > epoch or (e == epoch and ended))
-        for g, (e, state, ended) in sorted(old.items())
+        str(g): head
+        if head is not None and e == epoch
+        else reader.frontier(state if e == epoch else None, finished=e > epoch or (e == epoch and ended))
+        for g, (e, state, ended, head) in sorted(old.items())
     }
     return {
         "epoch": epoch,

@@ -8,17 +8,22 @@ import numpy as np
 
 
 def remaining_units(order: list[int], lists: list[list[list]], at: dict[str, Any]) -> list[list]:
-    """``[unit, start]`` still to read after old workers stopped at ``at`` (``{g: [index, position]}``):
-    the units in progress first (``start``: where to go on), then the others in ``order``."""
+    """``[unit, start]`` still to read after old workers stopped at ``at`` (``{g: [index, position]}``, or
+    ``[index, position, windowed]`` when the piece at ``position`` had ``windowed`` of its tokens windowed):
+    the units in progress first (``start``: where to go on; ``[unit, start, windowed]`` for such a piece),
+    then the others in ``order``."""
     rank = {u: i for i, u in enumerate(order)}
     going, fresh = [], []
-    for g, (index, position) in sorted(at.items(), key=lambda kv: int(kv[0])):
+    for g, (index, position, *windowed) in sorted(at.items(), key=lambda kv: int(kv[0])):
         items = lists[int(g)][index:]
-        if items and position is not None:
+        if items and windowed:
+            going.append([items[0][0], items[0][1] if position is None else position, *windowed])
+            items = items[1:]
+        elif items and position is not None:
             going.append([items[0][0], position])
             items = items[1:]
-        for unit, start in items:
-            (going if start is not None else fresh).append([unit, start])
+        for item in items:
+            (going if item[1] is not None or len(item) > 2 else fresh).append(item)
     return going + sorted(fresh, key=lambda item: rank[item[0]])
 
 

@@ -155,6 +155,22 @@ class ShardedSource(Reader):
             return [FINISHED, None]
         return [0, None] if state is None else [state["index"], state["position"]]
 
+    def frontier_of(self, piece: dict, windowed: int) -> list:
+        """``[index, position, windowed]`` of ``piece`` (an item made of one this worker reads next, or
+        after items a split passed over) in its units, for a seam that continues it after ``windowed``
+        of its own tokens."""
+        while True:
+            index, position = self._index, self._position
+            try:
+                item = self.next()
+            except StopIteration:
+                raise self.error(
+                    f"reshard: the piece in progress at the save ({piece.get('source')}) is not ahead of the "
+                    "reader's saved position"
+                ) from None
+            if all(item.get(k) == piece.get(k) for k in ("source", "offset", "shard", "record")):
+                return [self._index, position if self._index == index else None, windowed]
+
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
         self.close_unit()
@@ -187,11 +203,12 @@ class ShardedSource(Reader):
 
     def next(self):
         while self._index < len(self._assigned):
-            unit, start = self._assigned[self._index]
-            out = self.read(self.units[unit], start if self._position is None else self._position)
+            unit, start, *windowed = self._assigned[self._index]  # windowed: of a piece continued at a seam
+            first = self._position is None
+            out = self.read(self.units[unit], start if first else self._position)
             if out is not None:
                 item, self._position = out
-                return item
+                return {**item, "windowed": windowed[0]} if first and windowed else item
             self.close_unit()
             self._index, self._position = self._index + 1, None
         raise StopIteration

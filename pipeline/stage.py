@@ -146,6 +146,11 @@ class Stage(BaseNode[T]):
         """Items (rows) of its one input past ``source_states(state)`` already used (see ``Batch``)."""
         return 0
 
+    def scattered(self, state: dict[str, Any]) -> str | None:
+        """Why the rows ``consumed`` counts were taken scattered over more of the input (a shuffled group
+        partly batched: they are the input's next rows only if the input ends after them), or None."""
+        return None
+
     def error(self, message: str, source: str | None = None, record: Any = None) -> StageError:
         """A ``StageError`` whose message starts with this stage, the file and the record."""
         where = f"stage '{self.name}'" + (f", file {source}" if source else "")

@@ -84,11 +84,18 @@ class Batch(Stage[dict]):
         return [state["source"]["source"]]
 
     def consumed(self, state: dict[str, Any]) -> int:
-        """Windows of the input past ``source_states(state)`` that batches were made of. A shuffled group
-        only partly batched counts none of its windows (those batched are scattered over it): after a
-        reshard the whole group is read again."""
-        whole = not self.shuffle or state["taken"] >= self.group_size
-        return state["source"]["offset"] + (state["taken"] if whole else 0)
+        """Windows of the input past ``source_states(state)`` that batches were made of."""
+        return state["source"]["offset"] + state["taken"]
+
+    def scattered(self, state: dict[str, Any]) -> str | None:
+        """A shuffled group only partly batched: its batched windows are scattered over it (a reshard
+        refuses such a state unless the group was the epoch's last and all of it was batched)."""
+        if not (self.shuffle and 0 < state["taken"] < self.group_size):
+            return None
+        return (
+            f"{state['taken']} of the {self.group_size} windows of shuffle group {state['group']} were batched "
+            f"(save after a multiple of {self.group_size // self.batch_size} batches in the epoch to reshard)"
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next ``reset()`` start epoch ``epoch``."""

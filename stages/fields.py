@@ -10,7 +10,7 @@ from pipeline.schema import FieldError
 # The fields the stages give documents and read from them. A user's column of the same name would be taken
 # for one (a column `ids` replacing the tokens, `offset` and `end` joining separate documents), so readers
 # that carry a record's fields leave such a field out (warned, by name) or refuse it when it is asked for.
-FIELDS = ("text", "source", "offset", "end", "shard", "record", "ids", "mix", "split")
+FIELDS = ("text", "source", "offset", "end", "shard", "record", "ids", "mix", "split", "windowed")
 KNOWN_KEY_SETS = 256  # distinct key sets whose choice a reader remembers (JSON records may vary their keys)
 
 

@@ -52,6 +52,8 @@ class Separators:
 
     An item continues the previous one when it is the next piece of the same file (same ``source``,
     its ``offset`` the previous ``end``); any other item after the first starts with the separator.
+    A piece continued after a reshard (``windowed``: how many of its own tokens were windowed before
+    the seam, see ``pipeline.reshard``) loses those tokens and its separator, windowed before them.
     The state (``previous``: source and end of the last item) is two JSON values.
     """
 
@@ -62,6 +64,9 @@ class Separators:
 
     def _start(self, doc: dict) -> tuple[bool, bool]:
         """Whether ``doc`` starts a document, and whether a separator goes before it."""
+        if "windowed" in doc:  # the rest of a piece begun before a reshard: its document began there
+            self.previous = [doc.get("source"), doc.get("end", -1)]
+            return doc["windowed"] == 0, False
         if self.previous is None:  # the stream's first item: a piece from inside a file continues a document
             continues = bool(doc.get("offset"))  # read elsewhere (another worker or rank)
         else:
@@ -73,6 +78,7 @@ class Separators:
     def item(self, doc: dict, ids: np.ndarray, stats: Counter) -> dict[str, Any]:
         """The encode stage's output for ``doc`` and its ``ids``, counting documents and tokens."""
         starts, separated = self._start(doc)
+        ids = ids[doc.get("windowed", 0) :]
         if separated:
             ids = np.concatenate([self._separator, ids])
         stats["documents"] += starts
@@ -90,6 +96,7 @@ class Separators:
         parts, starts, at = [], [], 0
         for doc, piece in zip(docs, ids):
             begins, separated = self._start(doc)
+            piece = piece[doc.get("windowed", 0) :]
             if separated:
                 parts.append(self._separator)
                 at += 1

@@ -11,6 +11,7 @@ from pipeline.cursor import Cursor
 from pipeline.registry import register
 from pipeline.schema import Positive
 from pipeline.stage import Stage
+from stages.separators import document_ids
 
 
 def _ids(item: Any) -> np.ndarray:
@@ -69,6 +70,24 @@ class SlidingWindow(Stage[np.ndarray]):
 
     def source_states(self, state: dict[str, Any]) -> list[dict[str, Any]]:
         return [state["cursor"]["source"]]
+
+    def continued(self, state: dict[str, Any]) -> tuple[dict, int] | None:
+        """The tokens item its input was in at ``state`` and how many of its document's own tokens windows
+        had used (past its separator, and with those used before an earlier reshard), for a reshard to go
+        on after them; None when none were used."""
+        offset = state["cursor"]["offset"]
+        if not offset:
+            return None
+        self.source.reset(state["cursor"]["source"])
+        item = next(self.source)
+        if not isinstance(item, dict) or "source" not in item:
+            raise self.error(
+                "reshard: the tokens item windows were in names no document to go on from (bare ids, or a block "
+                "of many documents from `blocks: true`); reshard a graph whose encoder gives an item per document"
+            )
+        ids, starts = document_ids(item)
+        separated = int(len(starts) > 0 and starts[0] == 1)  # its own tokens start after the <|endoftext|>
+        return item, item.get("windowed", 0) + min(offset, len(ids)) - separated
 
     def next(self) -> np.ndarray:
         span = self.max_length + 1

@@ -34,6 +34,7 @@ from pipeline.shard import Reader
 from pipeline.stage import upstream_nodes
 
 _INDEX_BITS = 20  # a token's index in its piece; the fingerprint takes the 40 bits above (int64 ids)
+_SEPARATOR = (1 << _INDEX_BITS) - 1  # the index of the <|endoftext|> before a piece (topology's glue: not audited)
 
 
 def _piece(item: Mapping[str, Any]) -> str:
@@ -79,10 +80,14 @@ def _logging_reads(reader: Reader, read: Callable, folder: str) -> Callable:
 def _provenance(encode: Callable, folder: str) -> Callable:
     def next_item():
         item = dict(encode())
-        name, n = _piece(item), len(item["ids"])
-        if n >> _INDEX_BITS:
+        separated = int(len(item["starts"]) > 0 and item["starts"][0] == 1)  # an <|endoftext|> first
+        name, first = _piece(item), item.get("windowed", 0)  # the piece's own tokens windowed before a reshard
+        n = first + len(item["ids"]) - separated
+        if n >= _SEPARATOR:
             raise ValueError(f"verify-resume: piece {name} has {n:,} tokens, more than it can trace; lower chunk_bytes")
-        item["ids"] = (np.int64(_fingerprint(name)) << _INDEX_BITS) | np.arange(n, dtype=np.int64)
+        own = np.arange(first, n, dtype=np.int64)
+        index = np.concatenate([[_SEPARATOR], own]) if separated else own
+        item["ids"] = (np.int64(_fingerprint(name)) << _INDEX_BITS) | index
         _log(folder, ["piece", _fingerprint(name), name, n])
         return item
 
@@ -131,7 +136,10 @@ def verify_resume(
     Every rank runs in a process of its own; the states reach the next processes as JSON files.
     ``restore`` loads the states into a new pipeline (default: ``load_state_dict(states, reshard=True)``).
     Batches keep their last short one (``drop_last: false``), so no window is dropped on purpose.
-    Returns ``{"rows", "lost", "repeated", "out_of_order", "seam_tokens"}``.
+    Returns ``{"rows", "lost", "repeated", "out_of_order", "tokens_again", "tokens_lost", "tail_tokens"}``:
+    tokens of documents the new run windowed that the first run had (and the oracle does not have again),
+    tokens the oracle windows that neither run did, and the tail tokens the new run's window stages counted
+    (None for ``read_tokens`` windows).
     """
     restore = restore or (lambda pipe, states: pipe.load_state_dict(states, reshard=True))
     output = _output(config)
@@ -156,8 +164,11 @@ def verify_resume(
                 delivered += _delivered(batch, traced)
             if steps is not None:
                 save_json(saved[rank], pipe.state_dict())
+            tail = sum(stats.get("tail_tokens", 0) for stats in pipe.stats().values())  # at the end of the epoch
             pipe.close()
-            save_json(os.path.join(folder, f"{phase}-{rank}.json"), {"traced": traced, "delivered": delivered})
+            save_json(
+                os.path.join(folder, f"{phase}-{rank}.json"), {"traced": traced, "delivered": delivered, "tail": tail}
+            )
 
         _in_processes(lambda rank: run("first", rank, old, lambda pipe: None, steps), old[0])
         _in_processes(
@@ -211,7 +222,7 @@ def _compare(results: dict[str, list[dict]], logs: dict[str, list[list[list]]], 
             "repeated": sum(repeated.values()),
             "out of order": 0,
         }
-        return {"rows": [row], "lost": sorted(lost), "repeated": sorted(repeated), "out_of_order": [], "seam_tokens": 0}
+        return {"rows": [row], "lost": sorted(lost), "repeated": sorted(repeated), "out_of_order": [], **_NO_TOKENS}
     names, lengths = {}, {}
     for run in (r for runs in logs.values() for r in runs):
         for line in (line for line in run if line[0] == "piece"):
@@ -221,7 +232,7 @@ def _compare(results: dict[str, list[dict]], logs: dict[str, list[list[list]]], 
     lost = {p for p in lost if lengths.get(p, window) >= window}  # a piece shorter than a window may lie in a tail
     whole_before = _pieces(first) - _pieces(expected)
     repeated = _pieces(delivered_again) & whole_before
-    seam_tokens = len(delivered_again - set(expected))  # tokens of pieces in progress read again from their start
+    before, after, oracle = (_own(tokens) for tokens in (first, got, expected))
     row = {
         "reader": "documents",
         "expected": len(_pieces(expected)),
@@ -235,8 +246,18 @@ def _compare(results: dict[str, list[dict]], logs: dict[str, list[list[list]]], 
         "lost": sorted(names.get(p, hex(p)) for p in lost),
         "repeated": sorted(names.get(p, hex(p)) for p in repeated),
         "out_of_order": sorted(backwards),
-        "seam_tokens": seam_tokens,
+        "tokens_again": len(after & before - oracle),  # overlapping windows (stride < max_length) are the oracle's
+        "tokens_lost": len(oracle - before - after),
+        "tail_tokens": sum(rank["tail"] for rank in results["got"]),
     }
+
+
+_NO_TOKENS = {"tokens_again": None, "tokens_lost": None, "tail_tokens": None}  # windows audited whole
+
+
+def _own(tokens) -> set[int]:
+    """The provenance ids of documents' own tokens (not the separators, which depend on the topology)."""
+    return {t for t in tokens if t & _SEPARATOR != _SEPARATOR}
 
 
 def _pieces(tokens) -> set[int]:
