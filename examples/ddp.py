@@ -17,7 +17,8 @@ equal rank 0's, ``rank=<r> tables_identical=<bool> model_identical=<bool> tables
 rank) and every rank's pipeline state (gathered to rank 0, which writes the file); ``--resume FILE``
 loads them, each rank its own data position, so a resumed run sees exactly the batches that followed.
 On another number of ranks every rank passes all the saved states to ``load_state_dict(states,
-reshard=True)``, and the epoch goes on with each document read once.
+reshard=True)``, and the epoch goes on with each document read once (windows are shuffled within a batch:
+a state saved inside a larger shuffle group would be refused).
 
     torchrun --standalone --nproc_per_node 2 examples/ddp.py --steps 8 --checkpoint ckpt.pt
     torchrun --standalone --nproc_per_node 3 examples/ddp.py --steps 16 --resume ckpt.pt

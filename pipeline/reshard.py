@@ -52,26 +52,27 @@ def reader_states(root, states: list[tuple[int, dict]], wrapped, old_world: int)
             found.setdefault(id(node), {})[g] = (epoch if state is None else state["epoch"], state, ended, head)
             return
         if state is not None and not ended and hasattr(node, "skip"):  # a stage that cuts windows
-            ended = _at_end(node, state, place, epoch)
+            ended = _rows_left(node, state, place, epoch, 1) == 0
             if not ended:
                 with _as(node, place, state, epoch):
                     piece = node.continued(state)
         children = stage_inputs(node)
         subs = node.source_states(state) if state is not None else [None] * len(children)
         used = node.consumed(state) if state is not None else 0
+        scattered = state is not None and node.scattered(state) is not None
         if used and children[0] is wrapped and not inside:
             epoch, per_worker = Workers.worker_states(subs[0])
             per_worker = _replay_workers(wrapped, per_worker, epoch, Workers.last_worker(subs[0]), used, place)
             places = [replace(place, worker=w, num_workers=len(per_worker)) for w in range(len(per_worker))]
-            if node.scattered(state) and not all(_at_end(wrapped, s, w, epoch) for s, w in zip(per_worker, places)):
-                raise _scattered(node, state, place)
+            if scattered:
+                per_worker = _past_scattered(node, state, place, epoch, wrapped, per_worker, places)
             for sub, worker in zip(per_worker, places):
                 walk(wrapped, sub, worker, epoch, True)
             return
         if used:
             subs = [_replayed(children[0], subs[0], place, epoch, used)]
-            if node.scattered(state) and not _at_end(children[0], subs[0], place, epoch):
-                raise _scattered(node, state, place)
+            if scattered:
+                subs = _past_scattered(node, state, place, epoch, children[0], subs, [place])
         for child, sub in zip(children, subs):  # a piece drawn by a mix came from the input it names
             mine = piece is not None and (len(children) == 1 or getattr(child, "name", None) == piece[0].get("mix"))
             walk(child, sub, place, epoch, inside, ended, piece if mine else None)
@@ -81,12 +82,18 @@ def reader_states(root, states: list[tuple[int, dict]], wrapped, old_world: int)
     return found
 
 
-def _scattered(node, state: dict, place: RunContext) -> ValueError:
-    """The refusal of a state whose used rows another topology cannot tell from the others."""
-    return ValueError(
-        f"reshard=True: stage '{node.name}' of rank {place.rank}: {node.scattered(state)}; the rows used are "
-        "scattered over more of its input, which another topology would read again"
-    )
+def _past_scattered(node, state: dict, place: RunContext, epoch: int, child, subs: list, places: list) -> list:
+    """``child``'s states ``subs`` (one per old worker ``places``) past the rows ``node`` used scattered over
+    more of them: only rows it would have dropped may follow, and they count as used; refused otherwise (another
+    topology could not tell the rows used from the others, and would read them again)."""
+    most, why = node.scattered(state)
+    left = [_rows_left(child, sub, where, epoch, most + 1) for sub, where in zip(subs, places)]
+    if sum(left) > most:
+        raise ValueError(
+            f"reshard=True: stage '{node.name}' of rank {place.rank}: {why}; the rows used are scattered over more "
+            "of its input, which another topology would read again"
+        )
+    return [_replayed(child, sub, where, epoch, n) if n else sub for sub, where, n in zip(subs, places, left)]
 
 
 @contextmanager
@@ -102,14 +109,15 @@ def _as(node, place: RunContext, state: dict | None, epoch: int | None) -> Itera
         node.set_context(before)
 
 
-def _at_end(node, state: dict, place: RunContext, epoch: int | None) -> bool:
-    """Whether ``node``, restored to ``state``, has no row left to give."""
+def _rows_left(node, state: dict | None, place: RunContext, epoch: int | None, most: int) -> int:
+    """How many rows ``node``, restored to ``state``, has left to give, counted up to ``most``."""
     with _as(node, place, state, epoch):
-        try:
-            node.skip(1)
-        except ValueError:
-            return True
-        return False
+        for n in range(most):
+            try:
+                node.skip(1)
+            except ValueError:
+                return n
+    return most
 
 
 def _replayed(node, state: dict | None, place: RunContext, epoch: int | None, rows: int) -> dict:

@@ -146,9 +146,10 @@ class Stage(BaseNode[T]):
         """Items (rows) of its one input past ``source_states(state)`` already used (see ``Batch``)."""
         return 0
 
-    def scattered(self, state: dict[str, Any]) -> str | None:
-        """Why the rows ``consumed`` counts were taken scattered over more of the input (a shuffled group
-        partly batched: they are the input's next rows only if the input ends after them), or None."""
+    def scattered(self, state: dict[str, Any]) -> tuple[int, str] | None:
+        """None when the rows ``consumed`` counts are the input's next ones; else they were taken scattered
+        over more of it (a shuffled group partly batched): ``(most, why)``, they are its next rows only if at
+        most ``most`` rows follow them, rows this stage would drop (``drop_last``); ``why`` for a refusal."""
         return None
 
     def error(self, message: str, source: str | None = None, record: Any = None) -> StageError:

@@ -87,12 +87,12 @@ class Batch(Stage[dict]):
         """Windows of the input past ``source_states(state)`` that batches were made of."""
         return state["source"]["offset"] + state["taken"]
 
-    def scattered(self, state: dict[str, Any]) -> str | None:
+    def scattered(self, state: dict[str, Any]) -> tuple[int, str] | None:
         """A shuffled group only partly batched: its batched windows are scattered over it (a reshard
-        refuses such a state unless the group was the epoch's last and all of it was batched)."""
+        refuses such a state unless the group was the epoch's last and its other windows are dropped)."""
         if not (self.shuffle and 0 < state["taken"] < self.group_size):
             return None
-        return (
+        return self.batch_size - 1 if self.drop_last else 0, (
             f"{state['taken']} of the {self.group_size} windows of shuffle group {state['group']} were batched "
             f"(save after a multiple of {self.group_size // self.batch_size} batches in the epoch to reshard)"
         )
