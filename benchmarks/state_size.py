@@ -22,7 +22,8 @@ def config(corpus: str, shuffle: bool) -> dict:
             "read": {"type": "read_arrow", "paths": [corpus], "shuffle": shuffle},
             "encode": {"type": "bpe_encode", "input": "read"},
             "window": {"type": "sliding_window", "input": "encode", "max_length": 256, "stride": 128},
-            "batch": {"type": "batch", "input": "window", "batch_size": 8, "shuffle": shuffle},
+            # shuffle groups of one batch: a save is never inside a partly batched group (a reshard refuses that)
+            "batch": {"type": "batch", "input": "window", "batch_size": 8, "shuffle": shuffle, "shuffle_windows": 8},
         }
     }
 

@@ -197,7 +197,6 @@ class TextPieces(ShardedSource, Stage[dict]):
         docs: ``(source, offset, bytes)``: the text, and where it starts in its file.
         piece_bytes: about how many bytes a unit holds (more where no cut point comes sooner).
         rank, world_size: this process's place among the ranks (default: torch.distributed's).
-        shuffle, seed: read the units in a seeded order, another each epoch.
     """
 
     type_name = "text_pieces"
@@ -208,8 +207,6 @@ class TextPieces(ShardedSource, Stage[dict]):
         piece_bytes: int = 4096,
         rank: int | None = None,
         world_size: int | None = None,
-        shuffle: bool = False,
-        seed: int = 0,
     ):
         super().__init__()
         self.docs = docs
@@ -222,7 +219,7 @@ class TextPieces(ShardedSource, Stage[dict]):
                 end = len(raw) if end < 0 else end
                 self.units.append([i, start, end])
                 start = end
-        self.init_shards(rank, world_size, shuffle=shuffle, seed=seed)
+        self.init_shards(rank, world_size, shuffle=False, seed=0)
 
     def read(self, unit: list[int], position: int | None) -> tuple[dict, int] | None:
         if position is not None:
@@ -244,12 +241,11 @@ class TextPieces(ShardedSource, Stage[dict]):
 
 def make_pipeline(docs: list, args: argparse.Namespace, train: bool) -> Pipeline:
     """Windows of ``--context`` tokens, stride ``--context`` (the book's chapter 5). Training: this rank's
-    share of the text, its pieces in a seeded order (another each epoch), windows shuffled within each batch
-    (a larger shuffle group would keep a checkpoint inside one from resuming on another number of ranks), batches
-    embedded by the embed stage. Validation: all of the text on every rank, batches left for the training
-    tables (``evaluate``)."""
+    share of the text, windows shuffled within each batch (a checkpoint inside a larger shuffle group could
+    not resume on another number of ranks), batches embedded by the embed stage. Validation: all of the text
+    on every rank, batches left for the training tables (``evaluate``)."""
     node = (
-        TextPieces(docs, piece_bytes=args.piece_bytes, shuffle=True, seed=args.seed)
+        TextPieces(docs, piece_bytes=args.piece_bytes)
         if train
         else TextPieces(docs, args.piece_bytes, rank=0, world_size=1)
     )

@@ -48,10 +48,13 @@ class RemainingWindows:
 
     Old global worker ``g`` of ``G`` took numbers ``g, g + G, ...`` and stopped after ``at[g]`` of
     them; the rest of each of those progressions, merged, is an irregular start then whole periods
-    of ``G`` numbers, so the ``i``-th is computed without listing them all.
+    of ``G`` numbers, so the ``i``-th is computed without listing them all. With ``within`` (the
+    windows an earlier seam of the epoch left), the numbers are indices into those: an old worker
+    took ``within``'s windows ``g, g + G, ...``.
     """
 
-    def __init__(self, n: int, workers: int, at: dict[str, int]):
+    def __init__(self, n: int, workers: int, at: dict[str, int], within: RemainingWindows | None = None):
+        self.within = within
         starts = {int(g): int(g) + workers * min(p, n // workers + 1) for g, p in at.items()}  # past n: none left
         self.workers, self.residues = workers, np.array(sorted(starts), dtype=np.int64)
         self.base = max((s // workers for s in starts.values()), default=0) * workers  # all residues present from here
@@ -66,4 +69,23 @@ class RemainingWindows:
         out = self.base + (later // len(self.residues)) * self.workers + self.residues[later % len(self.residues)]
         head = i < len(self.prefix)
         out[head] = self.prefix[i[head]]
-        return out
+        return out if self.within is None else self.within(out)
+
+
+def seam_windows(n: int, seam: dict, group: dict) -> RemainingWindows:
+    """The windows of ``n`` that old workers left at ``seam``, for the new workers of its ``group``; an
+    earlier seam of the epoch (``previous``, of one group: every rank's states were passed) is followed."""
+    previous = seam["previous"]
+    if previous is None:
+        return RemainingWindows(n, seam["workers"], group["at"])
+    if len(previous["groups"]) != 1:
+        raise ValueError(
+            f"this state was itself continued on another topology in epoch {seam['epoch']} from single ranks' "
+            "states; read_tokens reshards it again only from one that dealt every rank's (restore it on its own "
+            "topology)"
+        )
+    (before,) = previous["groups"]
+    first, count = before["among"]  # the old workers that dealt ``within``'s windows among them
+    within = seam_windows(n, previous, before)
+    at = {str(int(g) - first): p for g, p in group["at"].items() if first <= int(g) < first + count}
+    return RemainingWindows(within.total, count, at, within)

@@ -12,7 +12,7 @@ from stages.tokens.format import check_cache, id_runs, load_manifest
 from stages.tokens.objects import ObjectError, ObjectShards, request_groups
 from pipeline.registry import register
 from pipeline.schema import FieldError, Positive
-from pipeline.seam import RemainingWindows
+from pipeline.seam import RemainingWindows, seam_windows
 from pipeline.shard import FINISHED, Reader, check_restored
 from pipeline.stage import Stage
 from pipeline.storage import is_remote, local_path
@@ -243,17 +243,17 @@ class ReadTokens(Reader, Stage[np.ndarray]):
 
     def _dealt(self, seam: dict) -> RemainingWindows:
         """The windows left at ``seam`` among the workers of this worker's group (sets the share)."""
-        if seam["previous"] is not None:
-            raise ValueError(
-                f"stage '{self.name}': this state was itself continued on another topology in epoch "
-                f"{seam['epoch']}; read_tokens reshards once an epoch (restore it on its own topology)"
-            )
         group = next(group for group in seam["groups"] if group["among"][0] <= self._g < sum(group["among"]))
         self._first, self._share = group["among"]
-        return RemainingWindows(self.n_windows, seam["workers"], group["at"])
+        try:
+            return seam_windows(self.n_windows, seam, group)
+        except ValueError as e:
+            raise ValueError(f"stage '{self.name}': {e}") from None
 
     def skip(self, n: int) -> None:
         """Pass the next ``n`` windows (see ``sliding_window``'s ``skip``)."""
+        if self._position + n > self._count:
+            raise ValueError(f"stage '{self.name}': cannot skip {n} windows, {self._count - self._position} are left")
         self._position += n
 
     def frontier(self, state: dict[str, Any] | None, finished: bool = False) -> int:

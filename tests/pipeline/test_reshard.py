@@ -136,6 +136,33 @@ def test_token_shards_windows(corpora, old, new, shuffle):
     assert_exactly_once(verify_resume(tokens_config(corpora / "cache", shuffle), 2, old, new))
 
 
+def _rows(batches) -> list[tuple]:
+    """The windows of batches, as tuples of ``max_length + 1`` ids."""
+    return [tuple(row) for b in batches for row in np.concatenate([b["inputs"][:, :1], b["targets"]], 1).tolist()]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_token_shards_reshard_twice_in_an_epoch(corpora, shuffle):
+    config = tokens_config(corpora / "cache", shuffle)
+    everything = _rows(Pipeline.from_config(config))
+    seen, states = [], []
+    for topology, taken in (((2, 0), 2), ((3, 2), 1)):  # 2 ranks, then 3 ranks of 2 workers, then 1 rank
+        ranks, workers = topology
+        saved = []
+        for rank in range(ranks):
+            with Pipeline.from_config(config, rank=rank, world_size=ranks, num_workers=workers) as pipe:
+                if states:
+                    pipe.load_state_dict(states, reshard=True)
+                seen += _rows(b for _, b in zip(range(taken), pipe))
+                saved.append(json.loads(json.dumps(pipe.state_dict())))
+        states = saved
+    pipe = Pipeline.from_config(config)
+    pipe.load_state_dict(states, reshard=True)
+    rest = _rows(pipe)
+    assert rest and sorted(seen + rest) == sorted(everything)  # every window of the epoch once
+    assert len(_rows(pipe)) == len(everything)  # the next epoch: this topology's own
+
+
 @pytest.mark.parametrize("old,new", REPRESENTATIVE[::2])
 def test_mix(corpora, old, new):
     assert_exactly_once(verify_resume(mix_config(corpora / "arrow", corpora / "text", True), 3, old, new))
