@@ -8,13 +8,22 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import tiktoken
 
 from pipeline.registry import register
 from pipeline.schema import FieldError, Positive
 from pipeline.stage import Stage, StageError
 from stages.separators import Separators, mix_tokens, split_joined
-from stages.encoding import EOT_TEXT, load_encoding
-from stages.fast_bpe import BACKENDS, PRETOKENIZERS, HfTokenizer, TiktokenRanks, choose_backend, gigatoken_installed
+from stages.encoding import EOT_TEXT, cached_rank_file, encoding_specials, load_encoding
+from stages.fast_bpe import (
+    BACKENDS,
+    PRETOKENIZERS,
+    HfTokenizer,
+    TiktokenRanks,
+    choose_backend,
+    gigatoken_installed,
+    rank_file,
+)
 from stages.runs import GPT2_PATTERN, MAX_RUN, UncuttableRun, cut_long_runs, has_long_run
 
 FIRST_CALL_BYTES = 1 << 16  # text in the first encode call (a quick first item); each next call takes twice as much
@@ -89,8 +98,20 @@ class BpeEncode(Stage[dict]):
         self._pool: ThreadPoolExecutor | None = None
 
     def _tiktoken_init(self, encoding: str, files, allowed_special, backend: str, refresh_bytes: int) -> None:
-        self.encoding = load_encoding(encoding, files)
-        special = self.encoding.special_tokens_set
+        # gigatoken over GPT-2's cached ranks needs no tiktoken Encoding (~0.15 s before the first item): that
+        # one is built when a text needs it (special-token text, a long whitespace run) or to decode
+        self.backend = choose_backend(backend, encoding) if encoding in PRETOKENIZERS else None
+        ranks = cached_rank_file(encoding) if self.backend == "gigatoken" and not files else None
+        if ranks is not None:
+            specials, self.vocab_size = encoding_specials(encoding)
+            self._encoding = None
+        else:
+            self._encoding = load_encoding(encoding, files)
+            specials = {t: self._encoding.encode_single_token(t) for t in self._encoding.special_tokens_set}
+            self.vocab_size = self._encoding.n_vocab  # ids it can produce, checked against an embed's table
+            self.backend = self.backend or choose_backend(backend, encoding)
+        self.encoding_name, self._encoding_files = encoding, files
+        special = set(specials)
         one = isinstance(allowed_special, str) and allowed_special != "all"  # a token's name, not its characters
         names = {allowed_special} if one else set(allowed_special)
         self.allowed_special = special if allowed_special == "all" else names
@@ -101,14 +122,19 @@ class BpeEncode(Stage[dict]):
                 f"({sorted(special)})",
             )
         self._exact = {EOT_TEXT} | self.allowed_special  # texts holding these go to tiktoken alone
-        self.eot_id = self.encoding.eot_token
-        self.vocab_size = self.encoding.n_vocab  # ids it can produce, checked against an embed's table
-        self.backend = choose_backend(backend, encoding)
-        self._fast = (
-            TiktokenRanks(self.encoding, PRETOKENIZERS[encoding], refresh_bytes)
-            if self.backend == "gigatoken"
-            else None
-        )
+        self.eot_id = specials[EOT_TEXT]
+        if self.backend == "gigatoken":
+            ranks = ranks or rank_file(self.encoding)
+            self._fast = TiktokenRanks(ranks, PRETOKENIZERS[encoding], self.eot_id, refresh_bytes)
+        else:
+            self._fast = None
+
+    @property
+    def encoding(self) -> tiktoken.Encoding | None:
+        """The tiktoken encoding (``None`` with a ``tokenizer_file``), built on first use if not at the start."""
+        if self._encoding is None and self.tokenizer_file is None:
+            self._encoding = load_encoding(self.encoding_name, self._encoding_files)
+        return self._encoding
 
     def _hf_init(self, encoding: str | None, allowed_special, backend: str, refresh_bytes: int) -> None:
         where = f"tokenizer_file {self.tokenizer_file!r}"
@@ -127,7 +153,8 @@ class BpeEncode(Stage[dict]):
             )
         if backend not in BACKENDS:
             raise FieldError("backend", f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        self.encoding, self.allowed_special, self._exact, self.backend = None, set(), set(), "gigatoken"
+        self.encoding_name, self._encoding, self.backend = None, None, "gigatoken"
+        self.allowed_special, self._exact = set(), set()
         self._fast = HfTokenizer(self.tokenizer_file, refresh_bytes)
         self.eot_id, self.vocab_size = self._fast.eot_id, self._fast.vocab_size
 
@@ -235,7 +262,7 @@ class BpeEncode(Stage[dict]):
 
     def decode(self, ids) -> str:
         """The text of token ids (for showing windows)."""
-        if self.encoding is None:
+        if self.tokenizer_file is not None:
             return self._fast.decode(ids)
         return self.encoding.decode([int(i) for i in ids])
 
@@ -245,7 +272,7 @@ class BpeEncode(Stage[dict]):
     def _by_tiktoken(self, text: str) -> bool:
         """A text of a call of its own that tiktoken encodes whatever the backend: special text, or a
         whitespace run too long for one call (cut where ``stages.runs`` proves the tokens unchanged)."""
-        return self._has_special(text) or (self.encoding is not None and has_long_run(text))
+        return self._has_special(text) or (self.tokenizer_file is None and has_long_run(text))
 
     def _encode_one(self, text: str) -> np.ndarray:
         pieces = cut_long_runs(text, self.encoding)  # [text] but where a whitespace run is too long for tiktoken
@@ -263,8 +290,8 @@ class BpeEncode(Stage[dict]):
             where = (f"record {doc['record']}, " if "record" in doc else "") + f"character {e.index:,}"
         why = (
             f"no point within {MAX_RUN:,} characters where a cut provably leaves its tokens as they are"
-            if self.encoding.name in GPT2_PATTERN
-            else f"cuts are proven for GPT-2's pattern only, not `{self.encoding.name}`'s"
+            if self.encoding_name in GPT2_PATTERN
+            else f"cuts are proven for GPT-2's pattern only, not `{self.encoding_name}`'s"
         )
         return self.error(
             f"a run of {e.length:,} whitespace characters is too long for tiktoken's regex (it fails near "
