@@ -62,10 +62,11 @@ def raw_tiktoken(corpus: Path) -> tuple[int, float]:
 
 def raw_gigatoken(corpus: Path) -> tuple[int, float]:
     from stages.encoding import load_encoding
-    from stages.fast_bpe import TiktokenRanks
+    from stages.fast_bpe import TiktokenRanks, rank_file
 
     texts = read_texts(corpus)
-    tok = TiktokenRanks(load_encoding("gpt2"), "gpt2", 1 << 62)._new()  # gigatoken.Tokenizer.from_tiktoken
+    enc = load_encoding("gpt2")
+    tok = TiktokenRanks(rank_file(enc), "gpt2", enc.eot_token, 1 << 62)._new()  # gigatoken.Tokenizer.from_tiktoken
     start = time.perf_counter()
     out = tok.encode_batch(texts)
     import awkward as ak

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -160,7 +160,10 @@ class BpeEncode(Stage[dict]):
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
+        for call in getattr(self, "_calls", ()):  # encodes of the stream before: not wanted
+            call.cancel()
         self._pending: deque[tuple[dict, dict, np.ndarray]] = deque()  # (source state before, doc, ids)
+        self._calls: deque[_Call] = deque()  # read and handed to the threads, not yet taken
         self._goal = FIRST_CALL_BYTES  # text per call: small first (a quick first item), doubling to batch_bytes
         if initial_state is None:
             self.source.reset()
@@ -169,12 +172,17 @@ class BpeEncode(Stage[dict]):
         self._separators.previous = initial_state["previous"] if initial_state is not None else None
 
     def get_state(self) -> dict[str, Any]:
-        head = self._pending[0][0] if self._pending else self.source.state_dict()
+        if self._pending:
+            head = self._pending[0][0]
+        elif self._calls and self._calls[0].states:
+            head = self._calls[0].states[0]
+        else:
+            head = self.source.state_dict()
         return {"source": head, "previous": self._separators.previous}
 
     def next(self) -> dict:
         if not self._pending:
-            self._encode_next_batch()
+            self._take_call()
         if self.blocks:  # the whole call: the state stays "before its first document"
             _, docs, ids = zip(*self._pending)
             self._pending.clear()
@@ -182,48 +190,49 @@ class BpeEncode(Stage[dict]):
         _, doc, ids = self._pending.popleft()
         return self._separators.item(doc, ids, self.stats)
 
-    def _encode_next_batch(self) -> None:
+    def _take_call(self) -> None:
+        """Wait for the oldest call's ids, having handed the next call to the threads first: the threads
+        encode it while this thread reads documents and the stages downstream use this call's items."""
+        if not self._calls:
+            self._read_call()
+        call = self._calls.popleft()
+        if call.docs:
+            self._read_call()
+        ids = call.result(self)
+        states = call.states if len(call.states) == len(call.docs) else call.states * len(call.docs)  # blocks: one
+        self._pending.extend(zip(states, call.docs, ids))
+
+    def _read_call(self) -> None:
+        """Read about ``batch_bytes * num_threads`` of text and hand it to the threads (a read error is kept
+        for when the calls before it are taken, as if read then)."""
         docs, states, size = [], [], 0
         goal = min(self._goal, self.batch_bytes * self.num_threads)
         self._goal *= 2
-        while size < goal:
-            states.append(self.source.state_dict())
-            try:
-                doc = next(self.source)
-            except StopIteration:
-                states.pop()
-                break
-            text = doc.get("text") if isinstance(doc, dict) else None
-            if not isinstance(text, str):
-                raise self.error(
-                    f"expected a document dict with a `text` string, got {type(text).__name__}",
-                    doc.get("source") if isinstance(doc, dict) else None,
-                    doc.get("record") if isinstance(doc, dict) else None,
-                )
-            docs.append(doc)
-            size += len(text)
-        if not docs:
-            raise StopIteration
         try:
-            ids = self._encode([d["text"] for d in docs])
-        except (UnicodeEncodeError, TypeError):  # a lone surrogate: such a str has no UTF-8 to encode
-            bad, e = next(((d, _utf8_error(d["text"])) for d in docs if _utf8_error(d["text"])), (None, None))
-            if bad is None:  # gigatoken says TypeError for such a str; anything else is not ours to explain
-                raise
-            where = (
-                f"record {bad['record']}" if "record" in bad else f"byte {bad['offset']}" if "offset" in bad else None
-            )
-            raise self.error(
-                f"text is not valid Unicode ({e.reason}, character {e.object[e.start : e.end]!r})",
-                bad.get("source"),
-                where,
-            ) from None
-        except UncuttableRun as e:
-            raise self._uncuttable(next(d for d in docs if d["text"] is e.text), e) from None
-        self._pending.extend(zip(states, docs, ids))
+            while size < goal:
+                if not self.blocks or not states:  # a block's state is the one before its first document
+                    states.append(self.source.state_dict())
+                try:
+                    doc = next(self.source)
+                except StopIteration:
+                    break
+                text = doc.get("text") if isinstance(doc, dict) else None
+                if not isinstance(text, str):
+                    raise self.error(
+                        f"expected a document dict with a `text` string, got {type(text).__name__}",
+                        doc.get("source") if isinstance(doc, dict) else None,
+                        doc.get("record") if isinstance(doc, dict) else None,
+                    )
+                docs.append(doc)
+                size += len(text)
+        except Exception as e:  # noqa: BLE001 - raised from the call's place in the stream
+            self._calls.append(_Call(states[:1], [], [], e))
+            return
+        states = states[: len(docs)] if docs else []
+        self._calls.append(_Call(states, docs, self._submit([d["text"] for d in docs]) if docs else []))
 
-    def _encode(self, texts: list[str]) -> list[np.ndarray]:
-        """Token ids of each text, as if encoded one by one."""
+    def _submit(self, texts: list[str]) -> list[Future]:
+        """Hand the texts to the encode threads: a future per group, whose results joined are each text's ids."""
         if self._pool is None or self._pool_pid != os.getpid():  # a pool's threads do not survive a fork
             self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix=f"encode-{self.name}")
             self._pool_pid = os.getpid()
@@ -231,8 +240,10 @@ class BpeEncode(Stage[dict]):
         # its id; a text holding that literal string is a call of its own, so the split stays exact.
         groups: list[list[int]] = [[]]
         size = 0
+        whole = "".join(texts)  # one scan finds that no text needs a call of its own (almost always)
+        plain = not self._has_special(whole) and not has_long_run(whole)
         for i, text in enumerate(texts):
-            alone = self._has_special(text) or has_long_run(text)
+            alone = not plain and (self._has_special(text) or has_long_run(text))
             if groups[-1] and (alone or size + len(text) > self.batch_bytes):
                 groups.append([])
                 size = 0
@@ -252,10 +263,18 @@ class BpeEncode(Stage[dict]):
             )
             return split_joined(joined, self.eot_id)
 
-        out: list[np.ndarray] = []
-        for pieces in self._pool.map(encode_group, [g for g in groups if g]):
-            out.extend(pieces)
-        return out
+        return [self._pool.submit(encode_group, g) for g in groups if g]
+
+    def _failed(self, docs: list[dict], error: Exception) -> Exception:
+        """The stage's error for a failed encode of ``docs``, or ``error`` itself when it is not ours to explain."""
+        if isinstance(error, UncuttableRun):
+            return self._uncuttable(next(d for d in docs if d["text"] is error.text), error)
+        bad, e = next(((d, _utf8_error(d["text"])) for d in docs if _utf8_error(d["text"])), (None, None))
+        if not isinstance(error, (UnicodeEncodeError, TypeError)) or bad is None:
+            return error  # a lone surrogate has no UTF-8 to encode: gigatoken says TypeError, tiktoken the other
+        where = f"record {bad['record']}" if "record" in bad else f"byte {bad['offset']}" if "offset" in bad else None
+        text_error = f"text is not valid Unicode ({e.reason}, character {e.object[e.start : e.end]!r})"
+        return self.error(text_error, bad.get("source"), where)
 
     def metrics(self) -> dict[str, float]:
         return mix_tokens(self.stats)  # tokens per input of a mix upstream
@@ -299,6 +318,32 @@ class BpeEncode(Stage[dict]):
             doc.get("source"),
             where,
         )
+
+
+class _Call:
+    """Documents handed to the encode threads together: the source's state before each (before the
+    first only, for blocks), the documents, the futures of their groups, or the error reading them."""
+
+    def __init__(self, states: list[dict], docs: list[dict], futures: list[Future], error: Exception | None = None):
+        self.states, self.docs, self.futures, self.error = states, docs, futures, error
+
+    def result(self, stage: BpeEncode) -> list[np.ndarray]:
+        """Each document's ids, waiting for the threads; the read or encode error as the stage's error."""
+        if self.error is not None:
+            raise self.error
+        if not self.docs:
+            raise StopIteration
+        try:
+            return [ids for future in self.futures for ids in future.result()]
+        except Exception as e:  # noqa: BLE001 - explained by the stage where it can be
+            error = stage._failed(self.docs, e)
+            if error is e:
+                raise
+            raise error from None
+
+    def cancel(self) -> None:
+        for future in self.futures:
+            future.cancel()
 
 
 def _utf8_error(text: str) -> UnicodeEncodeError | None:
