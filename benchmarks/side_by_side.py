@@ -9,7 +9,9 @@ order) and the table shows medians with the ratios to raw gigatoken and to ``dat
 - gigatoken: the documents as they are, ``Tokenizer.encode_batch`` on all cores, built from GPT-2's ranks.
   (both raw rows read the texts into memory first, untimed)
 - pipeline, N workers: ``read_arrow -> bpe_encode(blocks=True) -> sliding_window(256, 256) -> batch(8)``, from
-  ``Pipeline(...)`` to the last batch; ``+ embed 768`` adds the embed stage (d_model 768, CPU, no grad).
+  ``Pipeline(...)`` to the last batch; ``+ embed 768`` adds the embed stage (d_model 768, CPU, no grad), with
+  torch on one thread: its default, a spinning OpenMP thread per core, fights the encode threads for the
+  cores (5x slower on 2 shared cores: 0.06 against 0.31 M tokens/s on 5 MB).
 - datasets: ``load_dataset("arrow", streaming=True)`` with one batched map that tokenizes (tiktoken,
   2 threads) and cuts rows of 257 tokens, read 8 rows at a time.
 
@@ -81,6 +83,8 @@ def pipeline(corpus: Path, workers: int, embed: bool) -> tuple[int, float]:
     from stages import Batch, BpeEncode, Embed, ReadArrow, SlidingWindow
 
     torch.set_grad_enabled(False)
+    if embed:
+        torch.set_num_threads(1)
     start = time.perf_counter()
     node = Batch(SlidingWindow(BpeEncode(ReadArrow([str(corpus)]), blocks=True), max_length=L, stride=L), batch_size=B)
     if embed:
