@@ -192,11 +192,13 @@ class BpeEncode(Stage[dict]):
 
     def _take_call(self) -> None:
         """Wait for the oldest call's ids, having handed the next call to the threads first: the threads
-        encode it while this thread reads documents and the stages downstream use this call's items."""
+        encode it while this thread reads documents and the stages downstream use this call's items.
+        Not before the stream's first item: a second thread building its tokenizer would delay it."""
+        first = not self._calls and self._goal == FIRST_CALL_BYTES
         if not self._calls:
             self._read_call()
         call = self._calls.popleft()
-        if call.docs:
+        if call.docs and not first:
             self._read_call()
         ids = call.result(self)
         states = call.states if len(call.states) == len(call.docs) else call.states * len(call.docs)  # blocks: one
