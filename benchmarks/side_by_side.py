@@ -12,6 +12,8 @@ order) and the table shows medians with the ratios to raw gigatoken and to ``dat
   ``Pipeline(...)`` to the last batch; ``+ embed 768`` adds the embed stage (d_model 768, CPU, no grad), with
   torch on one thread: its default, a spinning OpenMP thread per core, fights the encode threads for the
   cores (5x slower on 2 shared cores: 0.06 against 0.31 M tokens/s on 5 MB).
+- prepare: ``stages.tokens.prepare`` (``python -m pipeline prepare``) of ``read_arrow -> bpe_encode`` into a
+  temporary folder, from the call to the manifest written (sources hashed, shards written and synced).
 - datasets: ``load_dataset("arrow", streaming=True)`` with one batched map that tokenizes (tiktoken,
   2 threads) and cuts rows of 257 tokens, read 8 rows at a time.
 
@@ -34,7 +36,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "data"), str(ROOT / "benchmarks")]
 from throughput import CHUNK, DEFAULT_SOURCE, OUT, arrow_corpus, read_texts  # noqa: E402
 
 B, L = 8, 256
-ROWS = ["tiktoken", "gigatoken", "pipeline-0", "pipeline-2", "embed-0", "embed-2", "datasets"]
+ROWS = ["tiktoken", "gigatoken", "pipeline-0", "pipeline-2", "embed-0", "embed-2", "prepare", "datasets"]
 LABELS = {
     "tiktoken": "raw tiktoken, 2 threads, 1 MB chunks",
     "gigatoken": "raw gigatoken, all cores",
@@ -42,6 +44,7 @@ LABELS = {
     "pipeline-2": "pipeline to batch, 2 workers",
     "embed-0": "pipeline to embed 768, 0 workers",
     "embed-2": "pipeline to embed 768, 2 workers",
+    "prepare": "prepare: token shards on disk",
     "datasets": "HF datasets streaming, fused map",
 }
 
@@ -93,6 +96,19 @@ def pipeline(corpus: Path, workers: int, embed: bool) -> tuple[int, float]:
     return tokens, time.perf_counter() - start
 
 
+def prepare_cache(corpus: Path) -> tuple[int, float]:
+    import tempfile
+
+    from stages.tokens.prepare import prepare
+
+    read, encode = {"type": "read_arrow", "paths": [str(corpus)]}, {"type": "bpe_encode", "input": "read"}
+    config = {"stages": {"read": read, "encode": encode}}
+    with tempfile.TemporaryDirectory(dir=OUT) as folder:
+        start = time.perf_counter()
+        manifest = prepare(config, Path(folder) / "cache")
+        return manifest["counts"]["tokens"], time.perf_counter() - start
+
+
 def hf_datasets(corpus: Path) -> tuple[int, float]:
     import datasets
 
@@ -120,6 +136,8 @@ def child(row: str, corpus: Path) -> dict:
         tokens, seconds = raw_gigatoken(corpus)
     elif row == "datasets":
         tokens, seconds = hf_datasets(corpus)
+    elif row == "prepare":
+        tokens, seconds = prepare_cache(corpus)
     else:
         kind, workers = row.split("-")
         tokens, seconds = pipeline(corpus, int(workers), kind == "embed")
