@@ -13,7 +13,7 @@ import tiktoken
 from pipeline.registry import register
 from pipeline.schema import FieldError, Positive
 from pipeline.stage import Stage, StageError
-from stages.separators import Separators, mix_tokens, split_joined
+from stages.separators import Separators, document_text, mix_tokens, split_joined
 from stages.encoding import EOT_TEXT, cached_rank_file, encoding_specials, load_encoding
 from stages.fast_bpe import (
     BACKENDS,
@@ -218,15 +218,8 @@ class BpeEncode(Stage[dict]):
                     doc = next(self.source)
                 except StopIteration:
                     break
-                text = doc.get("text") if isinstance(doc, dict) else None
-                if not isinstance(text, str):
-                    raise self.error(
-                        f"expected a document dict with a `text` string, got {type(text).__name__}",
-                        doc.get("source") if isinstance(doc, dict) else None,
-                        doc.get("record") if isinstance(doc, dict) else None,
-                    )
+                size += len(document_text(self, doc))
                 docs.append(doc)
-                size += len(text)
         except Exception as e:  # noqa: BLE001 - raised from the call's place in the stream
             self._calls.append(_Call(states[:1], [], [], e))
             return

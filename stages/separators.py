@@ -32,6 +32,18 @@ def document_ids(item: dict) -> tuple[np.ndarray, np.ndarray]:
     return item["ids"], item["starts"]
 
 
+def document_text(stage, doc: Any) -> str:
+    """The ``text`` of a document dict, or the stage's error naming what came instead (an encoder's input)."""
+    text = doc.get("text") if isinstance(doc, dict) else None
+    if not isinstance(text, str):
+        raise stage.error(
+            f"expected a document dict with a `text` string, got {type(text).__name__}",
+            doc.get("source") if isinstance(doc, dict) else None,
+            doc.get("record") if isinstance(doc, dict) else None,
+        )
+    return text
+
+
 def split_joined(joined: np.ndarray, eot_id: int) -> list[np.ndarray]:
     """The ids of texts encoded joined by ``<|endoftext|>`` (none holding it), split back at its id (``int32``)."""
     first, *rest = np.split(joined.astype(np.int32, copy=False), np.flatnonzero(joined == eot_id))
