@@ -9,7 +9,11 @@ order) and the table shows medians with the ratios to raw gigatoken and to ``dat
 - gigatoken: the documents as they are, ``Tokenizer.encode_batch`` on all cores, built from GPT-2's ranks.
   (both raw rows read the texts into memory first, untimed)
 - pipeline, N workers: ``read_arrow -> bpe_encode(blocks=True) -> sliding_window(256, 256) -> batch(8)``, from
-  ``Pipeline(...)`` to the last batch; ``+ embed 768`` adds the embed stage (d_model 768, CPU, no grad).
+  ``Pipeline(...)`` to the last batch; ``+ embed 768`` adds the embed stage (d_model 768, CPU, no grad), with
+  torch on one thread: its default, a spinning OpenMP thread per core, fights the encode threads for the
+  cores (5x slower on 2 shared cores: 0.06 against 0.31 M tokens/s on 5 MB).
+- prepare: ``stages.tokens.prepare`` (``python -m pipeline prepare``) of ``read_arrow -> bpe_encode`` into a
+  temporary folder, from the call to the manifest written (sources hashed, shards written and synced).
 - datasets: ``load_dataset("arrow", streaming=True)`` with one batched map that tokenizes (tiktoken,
   2 threads) and cuts rows of 257 tokens, read 8 rows at a time.
 
@@ -32,7 +36,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "data"), str(ROOT / "benchmarks")]
 from throughput import CHUNK, DEFAULT_SOURCE, OUT, arrow_corpus, read_texts  # noqa: E402
 
 B, L = 8, 256
-ROWS = ["tiktoken", "gigatoken", "pipeline-0", "pipeline-2", "embed-0", "embed-2", "datasets"]
+ROWS = ["tiktoken", "gigatoken", "pipeline-0", "pipeline-2", "embed-0", "embed-2", "prepare", "datasets"]
 LABELS = {
     "tiktoken": "raw tiktoken, 2 threads, 1 MB chunks",
     "gigatoken": "raw gigatoken, all cores",
@@ -40,6 +44,7 @@ LABELS = {
     "pipeline-2": "pipeline to batch, 2 workers",
     "embed-0": "pipeline to embed 768, 0 workers",
     "embed-2": "pipeline to embed 768, 2 workers",
+    "prepare": "prepare: token shards on disk",
     "datasets": "HF datasets streaming, fused map",
 }
 
@@ -62,10 +67,11 @@ def raw_tiktoken(corpus: Path) -> tuple[int, float]:
 
 def raw_gigatoken(corpus: Path) -> tuple[int, float]:
     from stages.encoding import load_encoding
-    from stages.fast_bpe import TiktokenRanks
+    from stages.fast_bpe import TiktokenRanks, rank_file
 
     texts = read_texts(corpus)
-    tok = TiktokenRanks(load_encoding("gpt2"), "gpt2", 1 << 62)._new()  # gigatoken.Tokenizer.from_tiktoken
+    enc = load_encoding("gpt2")
+    tok = TiktokenRanks(rank_file(enc), "gpt2", enc.eot_token, 1 << 62)._new()  # gigatoken.Tokenizer.from_tiktoken
     start = time.perf_counter()
     out = tok.encode_batch(texts)
     import awkward as ak
@@ -80,12 +86,27 @@ def pipeline(corpus: Path, workers: int, embed: bool) -> tuple[int, float]:
     from stages import Batch, BpeEncode, Embed, ReadArrow, SlidingWindow
 
     torch.set_grad_enabled(False)
+    if embed:
+        torch.set_num_threads(1)
     start = time.perf_counter()
     node = Batch(SlidingWindow(BpeEncode(ReadArrow([str(corpus)]), blocks=True), max_length=L, stride=L), batch_size=B)
     if embed:
         node = Embed(node, vocab_size=50257, d_model=768, context_length=L)
     tokens = sum(batch["inputs"].numel() for batch in Pipeline(node, num_workers=workers))
     return tokens, time.perf_counter() - start
+
+
+def prepare_cache(corpus: Path) -> tuple[int, float]:
+    import tempfile
+
+    from stages.tokens.prepare import prepare
+
+    read, encode = {"type": "read_arrow", "paths": [str(corpus)]}, {"type": "bpe_encode", "input": "read"}
+    config = {"stages": {"read": read, "encode": encode}}
+    with tempfile.TemporaryDirectory(dir=OUT) as folder:
+        start = time.perf_counter()
+        manifest = prepare(config, Path(folder) / "cache")
+        return manifest["counts"]["tokens"], time.perf_counter() - start
 
 
 def hf_datasets(corpus: Path) -> tuple[int, float]:
@@ -115,6 +136,8 @@ def child(row: str, corpus: Path) -> dict:
         tokens, seconds = raw_gigatoken(corpus)
     elif row == "datasets":
         tokens, seconds = hf_datasets(corpus)
+    elif row == "prepare":
+        tokens, seconds = prepare_cache(corpus)
     else:
         kind, workers = row.split("-")
         tokens, seconds = pipeline(corpus, int(workers), kind == "embed")

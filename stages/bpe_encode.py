@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import tiktoken
 
 from pipeline.registry import register
 from pipeline.schema import FieldError, Positive
 from pipeline.stage import Stage, StageError
-from stages.separators import Separators, mix_tokens, split_joined
-from stages.encoding import EOT_TEXT, load_encoding
-from stages.fast_bpe import BACKENDS, PRETOKENIZERS, HfTokenizer, TiktokenRanks, choose_backend, gigatoken_installed
+from stages.separators import Separators, document_text, mix_tokens, split_joined
+from stages.encoding import EOT_TEXT, cached_rank_file, encoding_specials, load_encoding
+from stages.fast_bpe import (
+    BACKENDS,
+    PRETOKENIZERS,
+    HfTokenizer,
+    TiktokenRanks,
+    choose_backend,
+    gigatoken_installed,
+    rank_file,
+)
 from stages.runs import GPT2_PATTERN, MAX_RUN, UncuttableRun, cut_long_runs, has_long_run
 
 FIRST_CALL_BYTES = 1 << 16  # text in the first encode call (a quick first item); each next call takes twice as much
@@ -89,8 +98,20 @@ class BpeEncode(Stage[dict]):
         self._pool: ThreadPoolExecutor | None = None
 
     def _tiktoken_init(self, encoding: str, files, allowed_special, backend: str, refresh_bytes: int) -> None:
-        self.encoding = load_encoding(encoding, files)
-        special = self.encoding.special_tokens_set
+        # gigatoken over GPT-2's cached ranks needs no tiktoken Encoding (~0.15 s before the first item): that
+        # one is built when a text needs it (special-token text, a long whitespace run) or to decode
+        self.backend = choose_backend(backend, encoding) if encoding in PRETOKENIZERS else None
+        ranks = cached_rank_file(encoding) if self.backend == "gigatoken" and not files else None
+        if ranks is not None:
+            specials, self.vocab_size = encoding_specials(encoding)
+            self._encoding = None
+        else:
+            self._encoding = load_encoding(encoding, files)
+            specials = {t: self._encoding.encode_single_token(t) for t in self._encoding.special_tokens_set}
+            self.vocab_size = self._encoding.n_vocab  # ids it can produce, checked against an embed's table
+            self.backend = self.backend or choose_backend(backend, encoding)
+        self.encoding_name, self._encoding_files = encoding, files
+        special = set(specials)
         one = isinstance(allowed_special, str) and allowed_special != "all"  # a token's name, not its characters
         names = {allowed_special} if one else set(allowed_special)
         self.allowed_special = special if allowed_special == "all" else names
@@ -101,14 +122,19 @@ class BpeEncode(Stage[dict]):
                 f"({sorted(special)})",
             )
         self._exact = {EOT_TEXT} | self.allowed_special  # texts holding these go to tiktoken alone
-        self.eot_id = self.encoding.eot_token
-        self.vocab_size = self.encoding.n_vocab  # ids it can produce, checked against an embed's table
-        self.backend = choose_backend(backend, encoding)
-        self._fast = (
-            TiktokenRanks(self.encoding, PRETOKENIZERS[encoding], refresh_bytes)
-            if self.backend == "gigatoken"
-            else None
-        )
+        self.eot_id = specials[EOT_TEXT]
+        if self.backend == "gigatoken":
+            ranks = ranks or rank_file(self.encoding)
+            self._fast = TiktokenRanks(ranks, PRETOKENIZERS[encoding], self.eot_id, refresh_bytes)
+        else:
+            self._fast = None
+
+    @property
+    def encoding(self) -> tiktoken.Encoding | None:
+        """The tiktoken encoding (``None`` with a ``tokenizer_file``), built on first use if not at the start."""
+        if self._encoding is None and self.tokenizer_file is None:
+            self._encoding = load_encoding(self.encoding_name, self._encoding_files)
+        return self._encoding
 
     def _hf_init(self, encoding: str | None, allowed_special, backend: str, refresh_bytes: int) -> None:
         where = f"tokenizer_file {self.tokenizer_file!r}"
@@ -127,13 +153,17 @@ class BpeEncode(Stage[dict]):
             )
         if backend not in BACKENDS:
             raise FieldError("backend", f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        self.encoding, self.allowed_special, self._exact, self.backend = None, set(), set(), "gigatoken"
+        self.encoding_name, self._encoding, self.backend = None, None, "gigatoken"
+        self.allowed_special, self._exact = set(), set()
         self._fast = HfTokenizer(self.tokenizer_file, refresh_bytes)
         self.eot_id, self.vocab_size = self._fast.eot_id, self._fast.vocab_size
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
+        for call in getattr(self, "_calls", ()):  # encodes of the stream before: not wanted
+            call.cancel()
         self._pending: deque[tuple[dict, dict, np.ndarray]] = deque()  # (source state before, doc, ids)
+        self._calls: deque[_Call] = deque()  # read and handed to the threads, not yet taken
         self._goal = FIRST_CALL_BYTES  # text per call: small first (a quick first item), doubling to batch_bytes
         if initial_state is None:
             self.source.reset()
@@ -142,12 +172,17 @@ class BpeEncode(Stage[dict]):
         self._separators.previous = initial_state["previous"] if initial_state is not None else None
 
     def get_state(self) -> dict[str, Any]:
-        head = self._pending[0][0] if self._pending else self.source.state_dict()
+        if self._pending:
+            head = self._pending[0][0]
+        elif self._calls and self._calls[0].states:
+            head = self._calls[0].states[0]
+        else:
+            head = self.source.state_dict()
         return {"source": head, "previous": self._separators.previous}
 
     def next(self) -> dict:
         if not self._pending:
-            self._encode_next_batch()
+            self._take_call()
         if self.blocks:  # the whole call: the state stays "before its first document"
             _, docs, ids = zip(*self._pending)
             self._pending.clear()
@@ -155,48 +190,44 @@ class BpeEncode(Stage[dict]):
         _, doc, ids = self._pending.popleft()
         return self._separators.item(doc, ids, self.stats)
 
-    def _encode_next_batch(self) -> None:
+    def _take_call(self) -> None:
+        """Wait for the oldest call's ids, having handed the next call to the threads first: the threads
+        encode it while this thread reads documents and the stages downstream use this call's items.
+        Not before the stream's first item: a second thread building its tokenizer would delay it."""
+        first = not self._calls and self._goal == FIRST_CALL_BYTES
+        if not self._calls:
+            self._read_call()
+        call = self._calls.popleft()
+        if call.docs and not first:
+            self._read_call()
+        ids = call.result(self)
+        states = call.states if len(call.states) == len(call.docs) else call.states * len(call.docs)  # blocks: one
+        self._pending.extend(zip(states, call.docs, ids))
+
+    def _read_call(self) -> None:
+        """Read about ``batch_bytes * num_threads`` of text and hand it to the threads (a read error is kept
+        for when the calls before it are taken, as if read then)."""
         docs, states, size = [], [], 0
         goal = min(self._goal, self.batch_bytes * self.num_threads)
         self._goal *= 2
-        while size < goal:
-            states.append(self.source.state_dict())
-            try:
-                doc = next(self.source)
-            except StopIteration:
-                states.pop()
-                break
-            text = doc.get("text") if isinstance(doc, dict) else None
-            if not isinstance(text, str):
-                raise self.error(
-                    f"expected a document dict with a `text` string, got {type(text).__name__}",
-                    doc.get("source") if isinstance(doc, dict) else None,
-                    doc.get("record") if isinstance(doc, dict) else None,
-                )
-            docs.append(doc)
-            size += len(text)
-        if not docs:
-            raise StopIteration
         try:
-            ids = self._encode([d["text"] for d in docs])
-        except (UnicodeEncodeError, TypeError):  # a lone surrogate: such a str has no UTF-8 to encode
-            bad, e = next(((d, _utf8_error(d["text"])) for d in docs if _utf8_error(d["text"])), (None, None))
-            if bad is None:  # gigatoken says TypeError for such a str; anything else is not ours to explain
-                raise
-            where = (
-                f"record {bad['record']}" if "record" in bad else f"byte {bad['offset']}" if "offset" in bad else None
-            )
-            raise self.error(
-                f"text is not valid Unicode ({e.reason}, character {e.object[e.start : e.end]!r})",
-                bad.get("source"),
-                where,
-            ) from None
-        except UncuttableRun as e:
-            raise self._uncuttable(next(d for d in docs if d["text"] is e.text), e) from None
-        self._pending.extend(zip(states, docs, ids))
+            while size < goal:
+                if not self.blocks or not states:  # a block's state is the one before its first document
+                    states.append(self.source.state_dict())
+                try:
+                    doc = next(self.source)
+                except StopIteration:
+                    break
+                size += len(document_text(self, doc))
+                docs.append(doc)
+        except Exception as e:  # noqa: BLE001 - raised from the call's place in the stream
+            self._calls.append(_Call(states[:1], [], [], e))
+            return
+        states = states[: len(docs)] if docs else []
+        self._calls.append(_Call(states, docs, self._submit([d["text"] for d in docs]) if docs else []))
 
-    def _encode(self, texts: list[str]) -> list[np.ndarray]:
-        """Token ids of each text, as if encoded one by one."""
+    def _submit(self, texts: list[str]) -> list[Future]:
+        """Hand the texts to the encode threads: a future per group, whose results joined are each text's ids."""
         if self._pool is None or self._pool_pid != os.getpid():  # a pool's threads do not survive a fork
             self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix=f"encode-{self.name}")
             self._pool_pid = os.getpid()
@@ -204,8 +235,10 @@ class BpeEncode(Stage[dict]):
         # its id; a text holding that literal string is a call of its own, so the split stays exact.
         groups: list[list[int]] = [[]]
         size = 0
+        whole = "".join(texts)  # one scan finds that no text needs a call of its own (almost always)
+        plain = not self._has_special(whole) and not has_long_run(whole)
         for i, text in enumerate(texts):
-            alone = self._has_special(text) or has_long_run(text)
+            alone = not plain and (self._has_special(text) or has_long_run(text))
             if groups[-1] and (alone or size + len(text) > self.batch_bytes):
                 groups.append([])
                 size = 0
@@ -225,17 +258,25 @@ class BpeEncode(Stage[dict]):
             )
             return split_joined(joined, self.eot_id)
 
-        out: list[np.ndarray] = []
-        for pieces in self._pool.map(encode_group, [g for g in groups if g]):
-            out.extend(pieces)
-        return out
+        return [self._pool.submit(encode_group, g) for g in groups if g]
+
+    def _failed(self, docs: list[dict], error: Exception) -> Exception:
+        """The stage's error for a failed encode of ``docs``, or ``error`` itself when it is not ours to explain."""
+        if isinstance(error, UncuttableRun):
+            return self._uncuttable(next(d for d in docs if d["text"] is error.text), error)
+        bad, e = next(((d, _utf8_error(d["text"])) for d in docs if _utf8_error(d["text"])), (None, None))
+        if not isinstance(error, (UnicodeEncodeError, TypeError)) or bad is None:
+            return error  # a lone surrogate has no UTF-8 to encode: gigatoken says TypeError, tiktoken the other
+        where = f"record {bad['record']}" if "record" in bad else f"byte {bad['offset']}" if "offset" in bad else None
+        text_error = f"text is not valid Unicode ({e.reason}, character {e.object[e.start : e.end]!r})"
+        return self.error(text_error, bad.get("source"), where)
 
     def metrics(self) -> dict[str, float]:
         return mix_tokens(self.stats)  # tokens per input of a mix upstream
 
     def decode(self, ids) -> str:
         """The text of token ids (for showing windows)."""
-        if self.encoding is None:
+        if self.tokenizer_file is not None:
             return self._fast.decode(ids)
         return self.encoding.decode([int(i) for i in ids])
 
@@ -245,7 +286,7 @@ class BpeEncode(Stage[dict]):
     def _by_tiktoken(self, text: str) -> bool:
         """A text of a call of its own that tiktoken encodes whatever the backend: special text, or a
         whitespace run too long for one call (cut where ``stages.runs`` proves the tokens unchanged)."""
-        return self._has_special(text) or (self.encoding is not None and has_long_run(text))
+        return self._has_special(text) or (self.tokenizer_file is None and has_long_run(text))
 
     def _encode_one(self, text: str) -> np.ndarray:
         pieces = cut_long_runs(text, self.encoding)  # [text] but where a whitespace run is too long for tiktoken
@@ -263,8 +304,8 @@ class BpeEncode(Stage[dict]):
             where = (f"record {doc['record']}, " if "record" in doc else "") + f"character {e.index:,}"
         why = (
             f"no point within {MAX_RUN:,} characters where a cut provably leaves its tokens as they are"
-            if self.encoding.name in GPT2_PATTERN
-            else f"cuts are proven for GPT-2's pattern only, not `{self.encoding.name}`'s"
+            if self.encoding_name in GPT2_PATTERN
+            else f"cuts are proven for GPT-2's pattern only, not `{self.encoding_name}`'s"
         )
         return self.error(
             f"a run of {e.length:,} whitespace characters is too long for tiktoken's regex (it fails near "
@@ -272,6 +313,32 @@ class BpeEncode(Stage[dict]):
             doc.get("source"),
             where,
         )
+
+
+class _Call:
+    """Documents handed to the encode threads together: the source's state before each (before the
+    first only, for blocks), the documents, the futures of their groups, or the error reading them."""
+
+    def __init__(self, states: list[dict], docs: list[dict], futures: list[Future], error: Exception | None = None):
+        self.states, self.docs, self.futures, self.error = states, docs, futures, error
+
+    def result(self, stage: BpeEncode) -> list[np.ndarray]:
+        """Each document's ids, waiting for the threads; the read or encode error as the stage's error."""
+        if self.error is not None:
+            raise self.error
+        if not self.docs:
+            raise StopIteration
+        try:
+            return [ids for future in self.futures for ids in future.result()]
+        except Exception as e:  # noqa: BLE001 - explained by the stage where it can be
+            error = stage._failed(self.docs, e)
+            if error is e:
+                raise
+            raise error from None
+
+    def cancel(self) -> None:
+        for future in self.futures:
+            future.cancel()
 
 
 def _utf8_error(text: str) -> UnicodeEncodeError | None:

@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import os
 import tempfile
+import threading
 from pathlib import Path
 from unittest import mock
 
@@ -52,6 +53,9 @@ def _cache_path(url: str) -> str:
     return os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())
 
 
+_PATCHING = threading.Lock()  # tiktoken's loaders are patched for a call: one call at a time (encode threads load too)
+
+
 @functools.lru_cache(maxsize=None)
 def _load(name: str, files: tuple[tuple[str, str], ...]) -> tiktoken.Encoding:
     local = dict(files)
@@ -76,7 +80,7 @@ def _load(name: str, files: tuple[tuple[str, str], ...]) -> tiktoken.Encoding:
         raise FieldError("encoding", f"unknown encoding `{name}`; tiktoken knows {sorted(known)}")
     constructors = tiktoken.registry.ENCODING_CONSTRUCTORS
     # tiktoken 0.14 has no public hook to give a constructor local files: its file reader is replaced for the call
-    with mock.patch.object(tiktoken.load, "read_file", read_local):
+    with _PATCHING, mock.patch.object(tiktoken.load, "read_file", read_local):
         if name != "gpt2":
             return tiktoken.Encoding(**constructors[name]())
         with mock.patch.object(openai_public, "data_gym_to_mergeable_bpe_ranks", _cached_gpt2_ranks):
@@ -118,9 +122,24 @@ def load_encoding(name: str = "gpt2", files: dict[str, str] | None = None) -> ti
     return _load(name, tuple(sorted((files or {}).items())))
 
 
-def cached_rank_file(encoding: tiktoken.Encoding) -> bytes | None:
+def encoding_specials(name: str) -> tuple[dict[str, int], int]:
+    """The special tokens (text to id) and vocabulary size of tiktoken's encoding ``name`` (one whose
+    constructor states its size, as GPT-2's does), read without its ranks: no file, no ``Encoding`` built."""
+    known = tiktoken.registry.list_encoding_names()  # also fills ENCODING_CONSTRUCTORS
+    if name not in known:
+        raise FieldError("encoding", f"unknown encoding `{name}`; tiktoken knows {sorted(known)}")
+    with (  # each rank loader gives no ranks
+        _PATCHING,
+        mock.patch.object(openai_public, "load_tiktoken_bpe", return_value={}),
+        mock.patch.object(openai_public, "data_gym_to_mergeable_bpe_ranks", return_value={}),
+    ):
+        spec = tiktoken.registry.ENCODING_CONSTRUCTORS[name]()
+    return spec["special_tokens"], spec["explicit_n_vocab"]
+
+
+def cached_rank_file(name: str) -> bytes | None:
     """GPT-2's ranks as a ``.tiktoken`` file (no specials), from tiktoken's cache when it holds them intact."""
-    if encoding.name not in ("gpt2", "r50k_base"):
+    if name not in ("gpt2", "r50k_base"):
         return None
     try:
         with open(_cache_path(R50K_URL), "rb") as f:

@@ -17,7 +17,6 @@ import tiktoken
 from tiktoken_ext.openai_public import ENDOFTEXT as EOT_TEXT
 
 from pipeline.schema import FieldError, MissingFileError
-from stages.encoding import cached_rank_file
 from stages.separators import split_joined
 
 BACKENDS = ("auto", "tiktoken", "gigatoken")
@@ -104,7 +103,7 @@ class FastBpe:
         raise NotImplementedError
 
 
-def _rank_file(encoding: tiktoken.Encoding) -> bytes:
+def rank_file(encoding: tiktoken.Encoding) -> bytes:
     """The encoding's ranks as a ``.tiktoken`` file, read through its public API (~1 s for GPT-2)."""
     specials = {encoding.encode_single_token(s) for s in encoding.special_tokens_set}
     ranks = ((encoding.decode_single_token_bytes(i), i) for i in range(encoding.n_vocab) if i not in specials)
@@ -115,15 +114,15 @@ class TiktokenRanks(FastBpe):
     """gigatoken over the ranks of a tiktoken encoding: the same ids as its ``encode_ordinary``.
 
     Args:
-        encoding: the tiktoken encoding whose ranks to use (read through its public API).
+        ranks: the encoding's ranks as a ``.tiktoken`` file (see ``rank_file``), specials left out.
         pretokenizer: gigatoken's name for the encoding's split pattern (see ``PRETOKENIZERS``).
+        eot_id: the id of ``<|endoftext|>`` in the encoding.
         refresh_bytes: characters of text encoded between two builds of the tokenizer.
     """
 
-    def __init__(self, encoding: tiktoken.Encoding, pretokenizer: str, refresh_bytes: int):
-        rank_file = cached_rank_file(encoding) or _rank_file(encoding)
-        super().__init__(refresh_bytes, (pretokenizer, encoding.eot_token, hashlib.sha256(rank_file).digest()))
-        self._rank_file, self.pretokenizer, self.eot_id = rank_file, pretokenizer, encoding.eot_token
+    def __init__(self, ranks: bytes, pretokenizer: str, eot_id: int, refresh_bytes: int):
+        super().__init__(refresh_bytes, (pretokenizer, eot_id, hashlib.sha256(ranks).digest()))
+        self._rank_file, self.pretokenizer, self.eot_id = ranks, pretokenizer, eot_id
 
     def _new(self):
         import gigatoken

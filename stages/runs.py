@@ -27,6 +27,7 @@ import tiktoken
 WHITESPACE = "\t\n\v\f\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 MAX_RUN = 100_000  # characters; tiktoken's regex fails near 1,000,000 (700,000 spaces still pass): 10x under it
 _SPACES = frozenset(re.findall(f"[{WHITESPACE}]", "".join(map(chr, range(0x3001)))))
+_SPACE_CHARS = "".join(sorted(_SPACES))
 
 
 @functools.cache
@@ -48,11 +49,12 @@ class UncuttableRun(ValueError):
 def has_long_run(text: str, max_run: int = MAX_RUN) -> bool:
     """Whether ``text`` holds a whitespace run longer than ``max_run`` characters.
 
-    Such a run covers two multiples of ``step = (max_run + 1) // 2``: only where the characters there are
-    whitespace is the text searched, so the check costs two lookups per ``step`` characters.
+    Such a run covers two multiples of ``step = (max_run + 1) // 2`` and all between: only where a stretch
+    like that is whitespace is the text searched, so the check costs about two lookups per ``step`` characters.
     """
     step = (max_run + 1) // 2
-    if not any(text[i] in _SPACES and text[i + step] in _SPACES for i in range(0, len(text) - step, step)):
+    starts = range(0, len(text) - step, step)
+    if not any(text[i] in _SPACES and not text[i : i + step + 1].strip(_SPACE_CHARS) for i in starts):
         return False
     return _long_run(max_run).search(text) is not None
 

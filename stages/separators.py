@@ -32,6 +32,18 @@ def document_ids(item: dict) -> tuple[np.ndarray, np.ndarray]:
     return item["ids"], item["starts"]
 
 
+def document_text(stage, doc: Any) -> str:
+    """The ``text`` of a document dict, or the stage's error naming what came instead (an encoder's input)."""
+    text = doc.get("text") if isinstance(doc, dict) else None
+    if not isinstance(text, str):
+        raise stage.error(
+            f"expected a document dict with a `text` string, got {type(text).__name__}",
+            doc.get("source") if isinstance(doc, dict) else None,
+            doc.get("record") if isinstance(doc, dict) else None,
+        )
+    return text
+
+
 def split_joined(joined: np.ndarray, eot_id: int) -> list[np.ndarray]:
     """The ids of texts encoded joined by ``<|endoftext|>`` (none holding it), split back at its id (``int32``)."""
     first, *rest = np.split(joined.astype(np.int32, copy=False), np.flatnonzero(joined == eot_id))
@@ -93,20 +105,19 @@ class Separators:
 
     def block(self, docs: list[dict], ids: list[np.ndarray], stats: Counter) -> dict[str, Any]:
         """One item for many documents: their ids joined (separators between) and where each starts."""
-        parts, starts, at = [], [], 0
-        for doc, piece in zip(docs, ids):
-            begins, separated = self._start(doc)
-            piece = piece[doc.get("windowed", 0) :]
-            if separated:
-                parts.append(self._separator)
-                at += 1
-            if begins:
-                starts.append(at)
-            if "mix" in doc:  # drawn by a mix stage: tokens per input, for metrics
-                stats[f"tokens_from_{doc['mix']}"] += len(piece) + separated
-            parts.append(piece)
-            at += len(piece)
+        flags = np.array([self._start(doc) for doc in docs], dtype=bool).reshape(-1, 2)  # (starts, separated)
+        begins, separated = flags[:, 0], flags[:, 1]
+        if any("windowed" in doc for doc in docs):  # pieces continued after a reshard lose their windowed tokens
+            ids = [piece[doc.get("windowed", 0) :] for doc, piece in zip(docs, ids)]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + separated
+        marked = zip(separated.tolist(), ids)
+        parts = [part for sep, piece in marked for part in ((self._separator, piece) if sep else (piece,))]
         joined = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+        starts = (np.cumsum(lengths) - lengths + separated)[begins]  # after each document's separator
+        if any("mix" in doc for doc in docs):  # drawn by a mix stage: tokens per input, for metrics
+            for doc, n in zip(docs, lengths.tolist()):
+                if "mix" in doc:
+                    stats[f"tokens_from_{doc['mix']}"] += n
         stats["documents"] += len(starts)
         stats["tokens"] += len(joined)
-        return {"ids": joined, "starts": np.array(starts, dtype=np.int64)}
+        return {"ids": joined, "starts": starts}

@@ -13,7 +13,7 @@ import numpy as np
 from pipeline.registry import register
 from pipeline.schema import FieldError, check_field
 from pipeline.stage import RunContext, Stage
-from stages.separators import Separators, mix_tokens
+from stages.separators import Separators, document_text, mix_tokens
 
 SPLIT = re.compile(r'([,.:;?_!"()\']|--|\s)')
 SPACE_BEFORE_PUNCTUATION = re.compile(r'\s+([,.?!"()\'])')
@@ -143,7 +143,7 @@ class WordEncode(Stage[dict]):
         try:
             self.source.reset()
             for doc in self.source:
-                words.update(split_words(self._text(doc)))
+                words.update(split_words(document_text(self, doc)))
         finally:
             self.set_context(RunContext(epoch=0))  # the real pass is epoch 0 (shuffled orders depend on it)
         return words
@@ -175,18 +175,8 @@ class WordEncode(Stage[dict]):
 
     def next(self) -> dict:
         doc = next(self.source)
-        ids = np.array(self.tokenizer.encode(self._text(doc)), dtype=np.int32)
+        ids = np.array(self.tokenizer.encode(document_text(self, doc)), dtype=np.int32)
         unknown = int(np.count_nonzero(ids == self.tokenizer.unk_id))
         if unknown:
             self.stats["unknown_words"] += unknown
         return self._separators.item(doc, ids, self.stats)
-
-    def _text(self, doc: Any) -> str:
-        text = doc.get("text") if isinstance(doc, dict) else None
-        if not isinstance(text, str):
-            raise self.error(
-                f"expected a document dict with a `text` string, got {type(text).__name__}",
-                doc.get("source") if isinstance(doc, dict) else None,
-                doc.get("record") if isinstance(doc, dict) else None,
-            )
-        return text

@@ -8,6 +8,7 @@ import importlib.util
 import multiprocessing
 import os
 import random
+import re
 import socket
 
 import numpy as np
@@ -23,7 +24,7 @@ from stages.bpe_encode import BpeEncode
 from stages.encoding import EncodingFileMissing, load_encoding
 from stages.separators import document_ids
 from stages.read_text import ReadText
-from stages.runs import MAX_RUN, UncuttableRun, cut_long_runs, has_long_run
+from stages.runs import MAX_RUN, WHITESPACE, UncuttableRun, cut_long_runs, has_long_run
 from tests.conftest import BACKENDS
 from tests.resume import check_resume
 
@@ -503,3 +504,32 @@ def test_gpt2_ranks_are_converted_once_then_read_from_tiktokens_cache(tmp_path, 
     assert load()._mergeable_ranks == oracle
     with open(cached, "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == R50K_SHA256
+
+
+@pytest.mark.skipif("gigatoken" not in BACKENDS, reason="gigatoken is not installed or is disabled")
+def test_gigatoken_over_cached_gpt2_ranks_builds_tiktokens_encoding_only_when_a_text_needs_it(monkeypatch):
+    assert encoding_module.cached_rank_file("gpt2") is not None  # ENC's load left GPT-2's ranks in tiktoken's cache
+    loads, load = [], encoding_module._load
+    monkeypatch.setattr(encoding_module, "_load", lambda *args: loads.append(args) or load(*args))
+    plain = random_texts(50, seed=11)
+    plain = [t.replace(EOT_TEXT, "") for t in plain]
+    node = BpeEncode(documents(plain), backend="gigatoken", batch_bytes=64)
+    assert (node.vocab_size, node.eot_id, node.allowed_special) == (ENC.n_vocab, EOT, set())
+    assert flat(list(Loader(node))) == book_stream(plain, ENC.encode_ordinary) and loads == []
+    special = [*plain[:5], f"a{EOT_TEXT}b", " c" * (MAX_RUN + 1)]
+    assert flat(encode_all(special, backend="gigatoken")) == book_stream(special, ENC.encode_ordinary)
+    assert loads == [("gpt2", ())]  # built once the text holding <|endoftext|> came
+    allowed = BpeEncode(documents([f"a{EOT_TEXT}b"]), backend="gigatoken", allowed_special="all")
+    assert flat(list(Loader(allowed))) == ENC.encode(f"a{EOT_TEXT}b", allowed_special="all")
+    assert allowed.decode([EOT]) == EOT_TEXT
+
+
+@pytest.mark.parametrize("pre", [0, 1, 6, 7, 13])
+@pytest.mark.parametrize("run", [" ", "\n", "\u3000", " \t\xa0"])
+@pytest.mark.parametrize("extra", [-1, 0, 1, 2, 9])
+def test_long_run_check_agrees_with_the_regex(pre, run, extra):
+    """has_long_run skips texts with no whitespace stretch between two multiples of its step: same answer."""
+    max_run = 12
+    text = "x" * pre + (run * 2 * max_run)[: max_run + extra] + "y" * (pre % 3)
+    expected = re.search(f"[{WHITESPACE}]{{{max_run + 1},}}", text) is not None
+    assert has_long_run(text, max_run) == expected == (extra > 0)
