@@ -163,13 +163,25 @@ def is_dir(path: str) -> bool:
     return fs.get_file_info(inner).type == pafs.FileType.Directory
 
 
+def stat(path: str) -> tuple[int, int] | None:
+    """``(size, modification time in ns)`` of a file or object; ``None`` when there is none."""
+    if not is_remote(path):
+        try:
+            st = os.stat(local_path(path))
+        except FileNotFoundError:
+            return None
+        return st.st_size, st.st_mtime_ns
+    fs, inner = resolve(path)
+    info = fs.get_file_info(inner)
+    return (info.size, info.mtime_ns) if info.is_file else None
+
+
 def version(path: str) -> list:
     """What tells a changed file: ``[size]`` locally, ``[size, modification time in ns]`` for an object."""
     if not is_remote(path):
         return [os.path.getsize(path)] if os.path.exists(path) else [None]
-    fs, inner = resolve(path)
-    info = fs.get_file_info(inner)
-    return [info.size, info.mtime_ns] if info.is_file else [None]
+    found = stat(path)
+    return list(found) if found else [None]
 
 
 def size(path: str) -> int:

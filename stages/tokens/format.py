@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from pipeline.storage import is_remote, load_text, version
+from pipeline.storage import is_remote, load_text, local_path, open_stream, stat, version
 
 FORMAT, VERSION = "textpipe.token-shards", 1
 MANIFEST = "manifest.json"
@@ -72,23 +73,33 @@ def token_dtype(n_vocab: int) -> np.dtype:
 
 
 def file_sha256(path: str) -> str:
+    """The sha256 of a file or object, streamed in 8 MB reads (never the whole of it in memory)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_stream(path) as f:
         while chunk := f.read(8 << 20):
             digest.update(chunk)  # hashlib releases the GIL on large updates: files hash in parallel
     return digest.hexdigest()
 
 
+def source_stat(path: str) -> tuple[int, int]:
+    """``(size, mtime_ns)`` of a source file or object; ``FileNotFoundError`` naming it when it is gone."""
+    found = stat(path)
+    if found is None:
+        raise FileNotFoundError(f"source {path}: no such file or object")
+    return found
+
+
 def describe_sources(paths: list[str]) -> list[dict[str, Any]]:
-    """Each source file: path (as the config names it), absolute path, size, mtime and sha256."""
+    """Each source file or object: path (as the config names it), absolute path (a URI stays a URI), size,
+    mtime and sha256 (read after the size and mtime: a change while hashing shows at prepare's last check)."""
+    stats = [source_stat(path) for path in paths]
     with ThreadPoolExecutor(min(4, len(paths) or 1)) as pool:
         hashes = list(pool.map(file_sha256, paths))
-    out = []
-    for path, sha in zip(paths, hashes):
-        st = os.stat(path)
-        out.append({"path": path, "abspath": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                    "sha256": sha})
-    return out
+    return [
+        {"path": path, "abspath": path if is_remote(path) else os.path.abspath(local_path(path)), "size": size,
+         "mtime_ns": mtime, "sha256": sha}
+        for path, (size, mtime), sha in zip(paths, stats, hashes)
+    ]
 
 
 def load_manifest(folder: str) -> dict[str, Any]:
@@ -120,9 +131,10 @@ def check_cache(folder: str, manifest: dict[str, Any]) -> list[list]:
     """Refuse (``ValueError`` naming the folder) missing or resized shards and changed source files; give
     each shard's ``storage.version`` (size, and an object's modification time).
 
-    Sizes are compared always; a source's sha256 only when its mtime moved (make's rule). Source files
-    absent here are not checked: the shards stand on their own (e.g. copied to a training machine or
-    to object storage). A cache in object storage must say where each shard's tokens lie (``ids_at``).
+    Sizes are compared always; a source's sha256 only when its mtime moved (make's rule); sources may be
+    files or objects. Sources absent here are not checked: the shards stand on their own (e.g. copied to a
+    training machine or to object storage), nor are those in a store this machine cannot reach (warned).
+    A cache in object storage must say where each shard's tokens lie (``ids_at``).
     """
     versions = []
     for shard in manifest["shards"]:
@@ -144,16 +156,19 @@ def check_cache(folder: str, manifest: dict[str, Any]) -> list[list]:
                 "the cache is damaged, prepare it again"
             )
     for source in manifest["sources"]:
-        path = source["abspath"]
-        if not os.path.exists(path):
+        try:
+            found = stat(source["abspath"])
+        except OSError as e:  # a store this machine cannot reach (no credentials here): as a source absent here
+            warnings.warn(f"path {folder!r}: source {source['path']} not checked ({e})", stacklevel=2)
             continue
-        st = os.stat(path)
-        if st.st_size != source["size"]:
+        if found is None:
+            continue
+        if found[0] != source["size"]:
             raise ValueError(
-                f"path {folder!r}: stale cache: source {source['path']} is now {st.st_size:,} bytes, it was "
+                f"path {folder!r}: stale cache: source {source['path']} is now {found[0]:,} bytes, it was "
                 f"{source['size']:,} when the cache was prepared; prepare it again (prepare --overwrite)"
             )
-        if st.st_mtime_ns != source["mtime_ns"] and file_sha256(path) != source["sha256"]:
+        if found[1] != source["mtime_ns"] and file_sha256(source["abspath"]) != source["sha256"]:
             raise ValueError(
                 f"path {folder!r}: stale cache: source {source['path']} changed since the cache was prepared "
                 "(same size, another sha256); prepare it again (prepare --overwrite)"

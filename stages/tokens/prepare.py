@@ -7,7 +7,7 @@ that gives tokens); every item they give becomes one row of a shard: ``ids`` (``
 the vocabulary fits in 16 bits, else ``list<uint32>``) and ``source``. The rows' ids, in order, are
 exactly the streaming token stream, ``<|endoftext|>`` separators included, so ``read_tokens`` cuts
 the same windows as ``sliding_window`` would. ``manifest.json`` records the encoding (and a sha256 of
-its BPE ranks), the source files (size, mtime, sha256), the counts, the shards (tokens, bytes,
+its BPE ranks), the source files or objects (size, mtime, sha256), the counts, the shards (tokens, bytes,
 sha256) and the config used.
 
 Writing is atomic: everything goes into a hidden folder beside DIR, renamed to DIR only once complete,
@@ -31,7 +31,7 @@ from pipeline.progress import Progress, corpus_bytes
 from pipeline.registry import ConfigError, stage_class
 from pipeline.shard import Reader
 from pipeline.stage import upstream_nodes
-from pipeline.storage import is_remote
+from pipeline.storage import is_remote, stat
 from stages.tokens import local_engine, ray_engine
 from stages.tokens.format import (
     BATCH_TOKENS,
@@ -203,8 +203,7 @@ def prepare(
         shards = writer.close()
         shown.close()
         for source in sources:  # a file edited while we read it would give tokens of neither version
-            st = os.stat(source["path"])
-            if [st.st_size, st.st_mtime_ns] != [source["size"], source["mtime_ns"]]:
+            if stat(source["path"]) != (source["size"], source["mtime_ns"]):
                 raise PrepareError(f"source {source['path']} changed while it was being encoded; run prepare again")
         manifest = {
             "format": FORMAT,

@@ -6,6 +6,7 @@ standard environment variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import itertools
 import json
@@ -25,8 +26,10 @@ from torchdata.nodes import Loader
 from pipeline import Pipeline
 from pipeline.stage import StageError
 from stages import BpeEncode, ReadArrow, ReadJsonl, ReadText
-from stages.tokens import ReadTokens, objects
-from stages.tokens.prepare import prepare
+from stages.tokens import ReadTokens, format, local_engine, objects
+from stages.tokens import prepare as prepare_module
+from stages.tokens.prepare import PrepareError, prepare
+from tests.command_line import cli
 from tests.corpora import write_arrow_corpus, write_text_corpus
 from tests.resume import check_resume
 
@@ -67,15 +70,18 @@ def _jsonl_zst(records: list[dict]) -> bytes:
 
 
 def _upload_corpus(tmp_path, put) -> tuple[list[str], list[str]]:
-    """Parquet files under ``parquet/`` and JSONL.zst files under ``jsonl/``; returns the ids of each."""
+    """Parquet files under ``parquet/`` and JSONL.zst files under ``jsonl/`` (also in ``tmp_path/pq`` and
+    ``tmp_path/jsonl``); returns the ids of each."""
     parquet_ids = write_arrow_corpus(tmp_path / "pq", fmt="parquet")
     for path in sorted((tmp_path / "pq").iterdir()):
         put(f"parquet/{path.name}", path.read_bytes())
     jsonl_ids = []
+    (tmp_path / "jsonl").mkdir(exist_ok=True)  # the same files locally
     for f in range(5):
         records = [{"id": f"j-{f}-{i}", "text": f"document {i} of file {f}"} for i in range(3 + 4 * f)]
         jsonl_ids += [r["id"] for r in records]
         put(f"jsonl/part-{f}.jsonl.zst", _jsonl_zst(records))
+        (tmp_path / "jsonl" / f"part-{f}.jsonl.zst").write_bytes(_jsonl_zst(records))
     return parquet_ids, jsonl_ids
 
 
@@ -413,3 +419,106 @@ def test_read_tokens_missing_cache_bucket_shard_and_layout_are_clear_errors(toke
     put("cache/manifest.json", json.dumps(manifest).encode())
     with pytest.raises(ValueError, match=r"does not say where shard tokens-00000\.arrow.s tokens lie.*prepare it"):
         ReadTokens(f"s3://{name}/cache", 8, 3)
+
+
+# --- prepare: a corpus in object storage -----------------------------------------------------------------
+
+
+def _prepare_config(kind: str, where: str) -> dict:
+    """prepare's config: the Parquet or JSONL.zst corpus under ``where`` (a local folder or an s3:// prefix)."""
+    reader = {"type": "read_arrow", "paths": [f"{where}/parquet/*.parquet"]}
+    if kind == "jsonl":
+        reader = {"type": "read_jsonl", "paths": [f"{where}/jsonl/*.jsonl.zst"]}
+    return {"stages": {"read": reader, "encode": {"type": "bpe_encode", "input": "read", "batch_bytes": 200}}}
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl"])
+def test_prepare_a_corpus_in_s3_gives_the_caches_windows_of_the_local_corpus(tmp_path, bucket, kind):
+    name, put = bucket
+    _upload_corpus(tmp_path, put)
+    (tmp_path / "parquet").symlink_to(tmp_path / "pq")  # the same layout locally
+    local = prepare(_prepare_config(kind, str(tmp_path)), tmp_path / "local", shard_tokens=100, batch_tokens=30)
+    config = tmp_path / "s3.json"
+    config.write_text(json.dumps(_prepare_config(kind, f"s3://{name}")))
+    run = cli("prepare", str(config), "--out", str(tmp_path / "remote"), "--shard-tokens", "100")
+    assert run.returncode == 0, run.stderr
+    remote = json.loads((tmp_path / "remote" / "manifest.json").read_text())
+    assert remote["counts"] == local["counts"] and len(local["shards"]) > 2
+    for theirs, ours in zip(remote["sources"], local["sources"], strict=True):
+        assert theirs["path"] == theirs["abspath"] == f"s3://{name}/{kind}/" + ours["path"].rsplit("/", 1)[1]
+        assert [theirs["size"], theirs["sha256"]] == [ours["size"], ours["sha256"]]
+        local_bytes = Path(ours["abspath"]).read_bytes()
+        assert [theirs["size"], theirs["sha256"]] == [len(local_bytes), hashlib.sha256(local_bytes).hexdigest()]
+    for args in [(8, 3), (32, 32)]:
+        windows = _windows(ReadTokens(str(tmp_path / "remote"), *args))
+        assert len(windows) > 9 and np.array_equal(windows, _windows(ReadTokens(str(tmp_path / "local"), *args)))
+
+
+def _replace(where: str, tmp_path, put, key: str, body: bytes) -> None:
+    """Put ``body`` in place of the file or object ``key``, with a later modification time."""
+    time.sleep(1.1)  # S3 keeps modification times in whole seconds
+    if where == "s3":
+        put(key, body)
+    else:
+        (tmp_path / key).write_bytes(body)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_replaced_source_is_a_stale_cache_and_another_corpus_as_for_local_files(tmp_path, bucket, where):
+    name, put = bucket
+    _upload_corpus(tmp_path, put)
+    config = _prepare_config("jsonl", f"s3://{name}" if where == "s3" else str(tmp_path))
+    prepare(config, tmp_path / "cache")
+    prepare(config, tmp_path / "cache")  # the same corpus: replaced, not refused
+    assert ReadTokens(str(tmp_path / "cache"), 8, 3).n_windows > 0
+    old = (tmp_path / "jsonl" / "part-2.jsonl.zst").read_bytes()
+    _replace(where, tmp_path, put, "jsonl/part-2.jsonl.zst", old[::-1])  # the same size, other bytes
+    with pytest.raises(ValueError, match=r"stale cache: source .*part-2\.jsonl\.zst changed .*same size, another sha"):
+        ReadTokens(str(tmp_path / "cache"), 8, 3)
+    _replace(where, tmp_path, put, "jsonl/part-2.jsonl.zst", old)  # back: a new mtime, the same sha256
+    assert ReadTokens(str(tmp_path / "cache"), 8, 3).n_windows > 0
+    _replace(where, tmp_path, put, "jsonl/part-2.jsonl.zst", old + b"\n")
+    with pytest.raises(ValueError, match=rf"stale cache: source .*part-2\.jsonl\.zst is now {len(old) + 1:,} bytes"):
+        ReadTokens(str(tmp_path / "cache"), 8, 3)
+    with pytest.raises(PrepareError, match="holds a cache of another corpus"):
+        prepare(config, tmp_path / "cache")
+
+
+def test_an_object_replaced_while_prepare_reads_it_leaves_no_cache(tmp_path, bucket, monkeypatch):
+    name, put = bucket
+    _upload_corpus(tmp_path, put)
+    rows = local_engine.rows
+
+    def replacing(*args):
+        for n, row in enumerate(rows(*args)):
+            if n == 3:
+                _replace("s3", tmp_path, put, "jsonl/part-4.jsonl.zst", _jsonl_zst([{"text": "a new object"}]))
+            yield row
+
+    monkeypatch.setattr(local_engine, "rows", replacing)
+    with pytest.raises(PrepareError, match=rf"source s3://{name}/jsonl/part-4\.jsonl\.zst changed while it was being"):
+        prepare(_prepare_config("jsonl", f"s3://{name}"), tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_prepare_names_a_missing_object_or_bucket(tmp_path, bucket, monkeypatch):
+    name, put = bucket
+    _upload_corpus(tmp_path, put)
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps(_prepare_config("jsonl", f"s3://{name}/nowhere")))
+    run = cli("prepare", str(config), "--out", str(tmp_path / "cache"))
+    assert run.returncode == 2 and f"s3://{name}/nowhere/jsonl/*.jsonl.zst: no object matches" in run.stderr
+    config.write_text(json.dumps(_prepare_config("jsonl", "s3://no-such-bucket-here")))
+    run = cli("prepare", str(config), "--out", str(tmp_path / "cache"))
+    assert run.returncode == 2 and "no bucket s3://no-such-bucket-here" in run.stderr
+    describe = format.describe_sources
+
+    def deleting(paths):  # gone after the pipeline listed it, before prepare read it
+        boto3.client("s3").delete_object(Bucket=name, Key="jsonl/part-1.jsonl.zst")
+        return describe(paths)
+
+    monkeypatch.setattr(prepare_module, "describe_sources", deleting)
+    config.write_text(json.dumps(_prepare_config("jsonl", f"s3://{name}")))
+    run = cli("prepare", str(config), "--out", str(tmp_path / "cache"))
+    assert run.returncode == 2 and f"source s3://{name}/jsonl/part-1.jsonl.zst: no such file or object" in run.stderr
+    assert not (tmp_path / "cache").exists()
