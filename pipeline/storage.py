@@ -223,6 +223,33 @@ def open_stream(path: str) -> pa.NativeFile:
     )  # bytes as stored
 
 
+def list_under(uri: str) -> list[str]:
+    """The objects under a remote prefix ``uri``, as names relative to it (``[]`` when there are none);
+    ``FileNotFoundError`` naming the bucket when it does not exist."""
+    fs, inner = resolve(uri)
+    inner = inner.rstrip("/")
+    if fs.get_file_info(inner.split("/", 1)[0]).type == pafs.FileType.NotFound:
+        raise _missing(uri)
+    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(inner) + 1 :] for i in infos if i.is_file)
+
+
+def upload(local: str, uri: str) -> None:
+    """Copy a local file to the object ``uri``, streamed (a multipart upload for a large file)."""
+    fs, inner = resolve(uri)
+    try:
+        pafs.copy_files(local, inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    except OSError as e:
+        raise OSError(f"{uri}: cannot write ({e})") from None
+
+
+def remove(uri: str) -> None:
+    """Delete the object ``uri`` (nothing when it is not there)."""
+    fs, inner = resolve(uri)
+    if fs.get_file_info(inner).is_file:
+        fs.delete_file(inner)
+
+
 def load_text(path: str) -> str:
     """A small text file (a manifest), whole."""
     with open_stream(path) as f:

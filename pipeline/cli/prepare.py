@@ -13,7 +13,9 @@ def add_parser(commands) -> None:
     """The ``prepare`` verb, added to ``python -m pipeline``'s subcommands."""
     p = commands.add_parser("prepare", help="encode a corpus once into token shards (Arrow) that read_tokens serves")
     p.add_argument("config", help="a pipeline config with a reader and a bpe_encode stage (later stages are ignored)")
-    p.add_argument("--out", required=True, help="the cache folder to write (atomically)")
+    p.add_argument(
+        "--out", required=True, help="the cache folder to write (atomically), or a URI (s3://...: the manifest last)"
+    )
     p.add_argument(
         "--engine", choices=["local", "ray"], default="local", help="local: this process; ray: a Ray Data job"
     )

@@ -155,11 +155,27 @@ def check_cache(folder: str, manifest: dict[str, Any]) -> list[list]:
                 f"path {folder!r}: shard {shard['file']} has {size:,} bytes, the manifest says {shard['bytes']:,}; "
                 "the cache is damaged, prepare it again"
             )
-    for source in manifest["sources"]:
+    _check_sources(folder, manifest["sources"])
+    return versions
+
+
+def _check_sources(folder: str, sources: list[dict[str, Any]]) -> None:
+    """Refuse a cache whose source files or objects changed (those absent here, or in a store this machine
+    cannot reach, are not checked; the stores not reached are warned about, each once)."""
+    unreachable = set()
+    for source in sources:
+        path = source["abspath"]
+        store = path.split("/", 3)[2] if is_remote(path) else None  # the bucket
+        if store in unreachable:
+            continue
         try:
-            found = stat(source["abspath"])
-        except OSError as e:  # a store this machine cannot reach (no credentials here): as a source absent here
-            warnings.warn(f"path {folder!r}: source {source['path']} not checked ({e})", stacklevel=2)
+            found = stat(path)
+        except OSError as e:
+            if store is None:
+                raise
+            unreachable.add(store)
+            warnings.warn(f"path {folder!r}: the sources in {path.split('/', 3)[0]}//{store}/ not checked ({e})",
+                          stacklevel=3)
             continue
         if found is None:
             continue
@@ -168,9 +184,8 @@ def check_cache(folder: str, manifest: dict[str, Any]) -> list[list]:
                 f"path {folder!r}: stale cache: source {source['path']} is now {found[0]:,} bytes, it was "
                 f"{source['size']:,} when the cache was prepared; prepare it again (prepare --overwrite)"
             )
-        if found[1] != source["mtime_ns"] and file_sha256(source["abspath"]) != source["sha256"]:
+        if found[1] != source["mtime_ns"] and file_sha256(path) != source["sha256"]:
             raise ValueError(
                 f"path {folder!r}: stale cache: source {source['path']} changed since the cache was prepared "
                 "(same size, another sha256); prepare it again (prepare --overwrite)"
             )
-    return versions

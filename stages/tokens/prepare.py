@@ -11,7 +11,10 @@ its BPE ranks), the source files or objects (size, mtime, sha256), the counts, t
 sha256) and the config used.
 
 Writing is atomic: everything goes into a hidden folder beside DIR, renamed to DIR only once complete,
-so an interrupted prepare leaves no cache (its leftovers are removed by the next run).
+so an interrupted prepare leaves no cache (its leftovers are removed by the next run). DIR may be an
+object-storage prefix (``s3://bucket/cache``): each shard is written locally (one at a time), uploaded
+and removed; a cache already there loses its manifest before its first shard is replaced, and the new
+manifest is uploaded last, so an interrupted prepare leaves shard objects but no manifest (no cache).
 ``--engine ray`` runs the same reading and encoding as a Ray Data job and writes the same bytes.
 """
 
@@ -31,12 +34,13 @@ from pipeline.progress import Progress, corpus_bytes
 from pipeline.registry import ConfigError, stage_class
 from pipeline.shard import Reader
 from pipeline.stage import upstream_nodes
-from pipeline.storage import is_remote, stat
+from pipeline.storage import is_remote, list_under, remove, stat, upload
 from stages.tokens import local_engine, ray_engine
 from stages.tokens.format import (
     BATCH_TOKENS,
     FORMAT,
     MANIFEST,
+    SHARD_NAME,
     SHARD_TOKENS,
     VERSION,
     PrepareError,
@@ -46,6 +50,8 @@ from stages.tokens.format import (
     token_dtype,
 )
 from stages.tokens.writer import ShardWriter
+
+_SHARD = re.compile(r"tokens-\d{5,}\.arrow")  # the names SHARD_NAME gives
 
 
 def tokens_stage(config: dict[str, Any]) -> str:
@@ -71,12 +77,23 @@ def used_config(config: dict[str, Any], output: str) -> dict[str, Any]:
 
 
 def _claim(out: str, overwrite: bool, encoding: dict, sources: list[dict]) -> None:
-    """Refuse an ``out`` that holds something else: a cache of another encoding or corpus, or not a cache."""
-    if not os.path.exists(out):
+    """Refuse an ``out`` that holds something else: a cache of another encoding or corpus, or not a cache
+    (under an object-storage prefix, shard objects without a manifest are an interrupted prepare's: replaced)."""
+    if is_remote(out):
+        names = list_under(out)
+        others = [n for n in names if not _SHARD.fullmatch(n)]
+        if MANIFEST not in names:
+            if others:
+                raise PrepareError(
+                    f"--out {out!r} holds objects without {MANIFEST} ({others[0]}, ...), not a token cache; "
+                    "choose another prefix (prepare replaces only token caches)"
+                )
+            return
+    elif not os.path.exists(out):
         return
-    if not os.path.isdir(out):
+    elif not os.path.isdir(out):
         raise PrepareError(f"--out {out!r} is a file, not a folder")
-    if not os.path.exists(os.path.join(out, MANIFEST)):
+    elif not os.path.exists(os.path.join(out, MANIFEST)):
         if os.listdir(out):
             raise PrepareError(f"--out {out!r} is a non-empty folder without {MANIFEST}, not a token cache; "
                                "choose another folder (prepare replaces only token caches)")
@@ -101,6 +118,18 @@ def _claim(out: str, overwrite: bool, encoding: dict, sources: list[dict]) -> No
             f"{sum(s['size'] for s in old['sources']):,} bytes); pass --overwrite to replace it, "
             "or choose another folder"
         )
+
+
+def _local_folder(out: str) -> str:
+    """A new hidden folder beside ``out`` for the cache being written (and earlier ones of killed prepares removed)."""
+    parent, name = os.path.split(out)
+    os.makedirs(parent, exist_ok=True)
+    _remove_leftovers(parent, name)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.prepare-{os.getpid()}-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
+    return tmp
 
 
 def _remove_leftovers(parent: str, name: str) -> None:
@@ -146,11 +175,6 @@ def prepare(
     """
     if engine not in ("local", "ray"):
         raise PrepareError(f"engine must be `local` or `ray`, got {engine!r}")
-    if is_remote(os.fspath(out)):
-        raise PrepareError(
-            f"--out {os.fspath(out)!r}: prepare writes a local folder; copy it to object storage (e.g. `aws s3 "
-            "sync`) and read it there with read_tokens"
-        )
     for field, value in (("shard_tokens", shard_tokens), ("batch_tokens", batch_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise PrepareError(f"{field} must be a positive integer, got {value!r}")
@@ -174,15 +198,10 @@ def prepare(
     paths = list(dict.fromkeys(path for n in readers for path in n.paths()))
     sources = describe_sources(paths)
 
-    out = os.path.abspath(os.fspath(out))
-    parent, name = os.path.split(out)
-    os.makedirs(parent, exist_ok=True)
+    remote = is_remote(os.fspath(out))
+    out = os.fspath(out).rstrip("/") if remote else os.path.abspath(os.fspath(out))
     _claim(out, overwrite, encoding, sources)
-    _remove_leftovers(parent, name)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.prepare-{os.getpid()}-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
+    tmp = tempfile.mkdtemp(prefix="textpipe-prepare-") if remote else _local_folder(out)
     try:
         total, read = corpus_bytes(pipe.root) if engine == "local" else (None, int)  # Ray's readers report elsewhere
 
@@ -190,6 +209,11 @@ def prepare(
             return f"{writer.rows:,} rows, {writer.tokens:,} tokens written"
 
         def report(shard: dict[str, Any]) -> None:
+            if remote:  # the old manifest goes before the first shard object is replaced
+                if shard["file"] == SHARD_NAME.format(0):
+                    remove(f"{out}/{MANIFEST}")
+                upload(os.path.join(tmp, shard["file"]), f"{out}/{shard['file']}")
+                os.remove(os.path.join(tmp, shard["file"]))
             shown.note(f"wrote shard {shard['file']}: {shard['tokens']:,} tokens, {shard['rows']:,} rows, "
                        f"{shard['bytes'] / 1e6:.1f} MB")
 
@@ -224,7 +248,13 @@ def prepare(
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _swap_into_place(tmp, out)
+        if remote:
+            for stale in set(filter(_SHARD.fullmatch, list_under(out))) - {s["file"] for s in shards}:
+                remove(f"{out}/{stale}")  # of an older cache or an interrupted prepare
+            upload(os.path.join(tmp, MANIFEST), f"{out}/{MANIFEST}")  # last: the manifest makes it a cache
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

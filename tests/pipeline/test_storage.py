@@ -10,7 +10,9 @@ import hashlib
 import http.client
 import itertools
 import json
+import os
 import random
+import re
 import threading
 import time
 import warnings
@@ -23,7 +25,7 @@ import pytest
 import zstandard
 from torchdata.nodes import Loader
 
-from pipeline import Pipeline
+from pipeline import Pipeline, storage
 from pipeline.stage import StageError
 from stages import BpeEncode, ReadArrow, ReadJsonl, ReadText
 from stages.tokens import ReadTokens, format, local_engine, objects
@@ -484,6 +486,26 @@ def test_a_replaced_source_is_a_stale_cache_and_another_corpus_as_for_local_file
         prepare(config, tmp_path / "cache")
 
 
+def test_a_cache_of_s3_sources_is_read_where_the_store_cannot_be_reached(tmp_path, bucket, monkeypatch):
+    name, put = bucket
+    _upload_corpus(tmp_path, put)
+    prepare(_prepare_config("jsonl", f"s3://{name}"), tmp_path / "cache")
+    expected = _windows(ReadTokens(str(tmp_path / "cache"), 8, 3))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr(storage, "RETRIES", 1)
+    storage._store.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            node = ReadTokens(str(tmp_path / "cache"), 8, 3)
+    finally:
+        storage._store.cache_clear()  # no filesystem of that endpoint for the next tests
+    unchecked = [str(w.message) for w in caught if "not checked" in str(w.message)]
+    assert len(unchecked) == 1  # one warning for the bucket's 5 sources
+    assert re.search(rf"the sources in s3://{name}/ not checked \(.*connect", unchecked[0])
+    assert np.array_equal(_windows(node), expected)
+
+
 def test_an_object_replaced_while_prepare_reads_it_leaves_no_cache(tmp_path, bucket, monkeypatch):
     name, put = bucket
     _upload_corpus(tmp_path, put)
@@ -522,3 +544,75 @@ def test_prepare_names_a_missing_object_or_bucket(tmp_path, bucket, monkeypatch)
     run = cli("prepare", str(config), "--out", str(tmp_path / "cache"))
     assert run.returncode == 2 and f"source s3://{name}/jsonl/part-1.jsonl.zst: no such file or object" in run.stderr
     assert not (tmp_path / "cache").exists()
+
+
+# --- prepare --out s3://: shards first, the manifest last ------------------------------------------------
+
+
+def _objects(name: str, prefix: str) -> dict[str, bytes]:
+    client = boto3.client("s3")
+    listed = client.list_objects_v2(Bucket=name, Prefix=f"{prefix}/").get("Contents", [])
+    keys = [o["Key"] for o in listed if not o["Key"].endswith("/")]  # pyarrow marks a folder emptied by a delete
+    return {key[len(prefix) + 1 :]: client.get_object(Bucket=name, Key=key)["Body"].read() for key in keys}
+
+
+def _stop_after(monkeypatch, rows: int, then) -> None:
+    """prepare's local engine calls ``then()`` after ``rows`` rows (and raises what it raises)."""
+    engine_rows = local_engine.rows
+
+    def stopping(*args):
+        for n, row in enumerate(engine_rows(*args)):
+            if n == rows:
+                then()
+            yield row
+
+    monkeypatch.setattr(local_engine, "rows", stopping)
+
+
+def test_prepare_out_to_s3_writes_the_local_cache_with_the_manifest_last(tmp_path, bucket, monkeypatch):
+    name, put = bucket
+    _upload_corpus(tmp_path, put)
+    monkeypatch.chdir(tmp_path)
+    config = _prepare_config("jsonl", f"s3://{name}")
+    prepare(config, tmp_path / "local", shard_tokens=100, batch_tokens=30)
+    midway = []
+    _stop_after(monkeypatch, 40, lambda: midway.append(sorted(_objects(name, "cache"))))
+    prepare(config, f"s3://{name}/cache/", shard_tokens=100, batch_tokens=30)
+    assert midway[0] and "manifest.json" not in midway[0]  # shards were uploaded before it
+    local = {p.name: p.read_bytes() for p in (tmp_path / "local").iterdir()}
+    assert _objects(name, "cache") == local and len(local) > 3  # the same bytes, manifest included
+    for args in [(8, 3), (5, 11)]:
+        windows = _windows(ReadTokens(f"s3://{name}/cache", *args))
+        assert len(windows) > 20 and np.array_equal(windows, _windows(ReadTokens(str(tmp_path / "local"), *args)))
+    assert sorted(os.listdir(tmp_path)) == ["jsonl", "local", "pq"]  # no local folder named s3:
+
+
+def test_an_interrupted_prepare_to_s3_leaves_no_cache_and_a_rerun_makes_the_right_one(tmp_path, bucket, monkeypatch):
+    name, put = bucket
+    _upload_corpus(tmp_path, put)
+    config = _prepare_config("jsonl", f"s3://{name}")
+    prepare(config, f"s3://{name}/cache", shard_tokens=100)
+    assert ReadTokens(f"s3://{name}/cache", 8, 3).n_windows > 0
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        _stop_after(patch, 40, interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(config, f"s3://{name}/cache", shard_tokens=100)
+    assert "manifest.json" not in _objects(name, "cache") and len(_objects(name, "cache")) > 1
+    with pytest.raises(ValueError, match=rf"s3://{name}/cache.*not a prepared token cache"):
+        ReadTokens(f"s3://{name}/cache", 8, 3)
+    put("cache/tokens-00099.arrow", b"left by a killed prepare")
+    prepare(config, f"s3://{name}/cache", shard_tokens=200)  # fewer shards than before: the others removed
+    prepare(config, tmp_path / "local", shard_tokens=200)
+    assert _objects(name, "cache") == {p.name: p.read_bytes() for p in (tmp_path / "local").iterdir()}
+    with pytest.raises(PrepareError, match="holds a cache of another corpus"):
+        prepare(_prepare_config("parquet", f"s3://{name}"), f"s3://{name}/cache")
+    put("notes/read-me.txt", b"keep me")
+    with pytest.raises(PrepareError, match=rf"s3://{name}/notes' holds objects without manifest.json \(read-me"):
+        prepare(config, f"s3://{name}/notes", overwrite=True)
+    assert _objects(name, "notes") == {"read-me.txt": b"keep me"}
+    with pytest.raises(FileNotFoundError, match="no bucket s3://no-such-bucket-here"):
+        prepare(config, "s3://no-such-bucket-here/cache")

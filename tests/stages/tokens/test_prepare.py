@@ -201,13 +201,6 @@ def test_a_folder_that_is_not_a_cache_is_never_replaced(tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
-def test_out_in_object_storage_is_refused_before_any_work(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(PrepareError, match=r"--out 's3://bucket/cache': prepare writes a local folder"):
-        prepare(arrow_config(tmp_path / "nowhere"), "s3://bucket/cache")
-    assert os.listdir(tmp_path) == []  # no local folder named s3:
-
-
 def test_cli_prepare_and_its_errors(tmp_path, capsys):
     write_arrow_corpus(tmp_path / "corpus")
     config = tmp_path / "c.json"
