@@ -92,8 +92,8 @@ def source_stat(path: str) -> tuple[int, int]:
 def describe_sources(paths: list[str]) -> list[dict[str, Any]]:
     """Each source file or object: path (as the config names it), absolute path (a URI stays a URI), size,
     mtime and sha256 (read after the size and mtime: a change while hashing shows at prepare's last check)."""
-    stats = [source_stat(path) for path in paths]
     with ThreadPoolExecutor(min(4, len(paths) or 1)) as pool:
+        stats = list(pool.map(source_stat, paths))  # objects: a request each
         hashes = list(pool.map(file_sha256, paths))
     return [
         {"path": path, "abspath": path if is_remote(path) else os.path.abspath(local_path(path)), "size": size,
@@ -165,7 +165,7 @@ def _check_sources(folder: str, sources: list[dict[str, Any]]) -> None:
     unreachable = set()
     for source in sources:
         path = source["abspath"]
-        store = path.split("/", 3)[2] if is_remote(path) else None  # the bucket
+        store = "/".join(path.split("/", 3)[:3]) + "/" if is_remote(path) else None  # scheme://bucket/
         if store in unreachable:
             continue
         try:
@@ -174,8 +174,7 @@ def _check_sources(folder: str, sources: list[dict[str, Any]]) -> None:
             if store is None:
                 raise
             unreachable.add(store)
-            warnings.warn(f"path {folder!r}: the sources in {path.split('/', 3)[0]}//{store}/ not checked ({e})",
-                          stacklevel=3)
+            warnings.warn(f"path {folder!r}: the sources in {store} not checked ({e})", stacklevel=3)
             continue
         if found is None:
             continue
