@@ -95,6 +95,7 @@ class BpeEncode(Stage[dict]):
         self.num_threads = num_threads
         self.batch_bytes = batch_bytes
         self.blocks = blocks
+        self.block_rows = False  # not a config field: prepare's local engine asks blocks for their rows (Separators)
         self._pool: ThreadPoolExecutor | None = None
 
     def _tiktoken_init(self, encoding: str, files, allowed_special, backend: str, refresh_bytes: int) -> None:
@@ -186,7 +187,7 @@ class BpeEncode(Stage[dict]):
         if self.blocks:  # the whole call: the state stays "before its first document"
             _, docs, ids = zip(*self._pending)
             self._pending.clear()
-            return self._separators.block(list(docs), list(ids), self.stats)
+            return self._separators.block(list(docs), list(ids), self.stats, self.block_rows)
         _, doc, ids = self._pending.popleft()
         return self._separators.item(doc, ids, self.stats)
 

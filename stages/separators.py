@@ -103,8 +103,11 @@ class Separators:
             **{k: v for k, v in doc.items() if k != "text"},
         }
 
-    def block(self, docs: list[dict], ids: list[np.ndarray], stats: Counter) -> dict[str, Any]:
-        """One item for many documents: their ids joined (separators between) and where each starts."""
+    def block(self, docs: list[dict], ids: list[np.ndarray], stats: Counter, rows: bool = False) -> dict[str, Any]:
+        """One item for many documents: their ids joined (separators between) and where each starts;
+        with ``rows``, also ``rows`` (where the ids ``item`` would give for each document begin, its
+        separator first, and where the last ends: ``len(docs) + 1`` offsets) and ``sources`` (each
+        document's ``source``), so that ``prepare`` writes a row per document without a dict each."""
         flags = np.array([self._start(doc) for doc in docs], dtype=bool).reshape(-1, 2)  # (starts, separated)
         begins, separated = flags[:, 0], flags[:, 1]
         if any("windowed" in doc for doc in docs):  # pieces continued after a reshard lose their windowed tokens
@@ -120,4 +123,8 @@ class Separators:
                     stats[f"tokens_from_{doc['mix']}"] += n
         stats["documents"] += len(starts)
         stats["tokens"] += len(joined)
-        return {"ids": joined, "starts": starts}
+        if not rows:
+            return {"ids": joined, "starts": starts}
+        offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return {"ids": joined, "starts": starts, "rows": offsets, "sources": [doc.get("source") for doc in docs]}

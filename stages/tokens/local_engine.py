@@ -9,8 +9,10 @@ import numpy as np
 from pipeline.graph import Pipeline
 
 
-def rows(pipe: Pipeline, encode, dtype: np.dtype, counts: dict[str, int]) -> Iterator[tuple[np.ndarray, str | None]]:
-    """Each item of ``pipe`` (whose output is the encode stage ``encode``) as a row, in stream order."""
-    for item in pipe:
-        yield item["ids"], item.get("source")
+def rows(pipe: Pipeline, encode, dtype: np.dtype, counts: dict[str, int]) -> Iterator[tuple[np.ndarray, tuple]]:
+    """The items of ``pipe`` (whose output is the encode stage ``encode``) as rows, in stream order, a
+    block of them at a time: ids joined, and ``(offsets, sources)`` (see ``ShardWriter.add``)."""
+    encode.blocks = encode.block_rows = True  # one item per encode call, with the row of each document it holds
+    for block in pipe:
+        yield block["ids"], (block["rows"], block["sources"])
     counts["documents"] = int(encode.stats["documents"])

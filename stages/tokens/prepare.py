@@ -190,8 +190,6 @@ def prepare(
         raise PrepareError(
             f"stage `{output}` ({encode.type_name}) has no BPE encoding to record; prepare supports bpe_encode"
         )
-    if getattr(encode, "blocks", False):
-        raise PrepareError(f"stage `{output}`: prepare writes a row per document; set blocks: false for it")
     encoding = encoding_identity(encode.encoding)
     dtype = token_dtype(encoding["n_vocab"])
     readers = [n for n in upstream_nodes(pipe.root) if isinstance(n, Reader)]
@@ -221,8 +219,8 @@ def prepare(
         writer = ShardWriter(tmp, dtype, encoding["n_vocab"], shard_tokens, batch_tokens, on_shard=report)
         counts: dict[str, int] = {}
         rows = (local_engine if engine == "local" else ray_engine).rows(pipe, encode, dtype, counts)
-        for ids, source in rows:
-            writer.add(ids, source)
+        for ids, block in rows:
+            writer.add(ids, block)
             shown.update()
         shards = writer.close()
         shown.close()

@@ -20,7 +20,7 @@ from stages.tokens.format import PrepareError
 from stages.tokens.writer import id_lists
 
 
-def rows(pipe: Pipeline, encode, dtype: np.dtype, counts: dict[str, int]) -> Iterator[tuple[np.ndarray, str | None]]:
+def rows(pipe: Pipeline, encode, dtype: np.dtype, counts: dict[str, int]) -> Iterator[tuple[np.ndarray, tuple]]:
     """The local engine's rows from a Ray Data job: a read task per shard unit of the config's own reader
     (in the order a single local reader takes them), then ``map_batches`` encoding with the config's
     own encode stage without separators, order preserved; the separators are then put in here, over the
@@ -40,7 +40,7 @@ def rows(pipe: Pipeline, encode, dtype: np.dtype, counts: dict[str, int]) -> Ite
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # not a line per dataset execution on stdout
     order = assign_units(len(reader.units), 0, 1, reader.shuffle, reader.seed, 0, reader.name)  # one reader's order
     ds = ray.data.read_datasource(_unit_source(ray.put(reader), order), override_num_blocks=max(len(order), 1))
-    params = {**encode.params, "eot": False}
+    params = {**encode.params, "eot": False, "blocks": False}
     ds = ds.map_batches(
         _encode_batch,
         batch_format="pyarrow",
@@ -49,13 +49,15 @@ def rows(pipe: Pipeline, encode, dtype: np.dtype, counts: dict[str, int]) -> Ite
     )
     separators, stats = Separators(encode.eot_id, encode.eot), Counter()
     for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if not table.num_rows:  # a unit without documents
+            continue
         ids = table.column("ids").combine_chunks()
         offsets, values = ids.offsets.to_numpy(), ids.flatten().to_numpy()
         offsets = offsets - offsets[0]  # flatten() starts at the first row's values
         sources, starts, ends = (table.column(n).to_pylist() for n in ("source", "offset", "end"))
-        for i, source in enumerate(sources):
-            doc = {"source": source, "offset": starts[i], "end": ends[i]}
-            yield separators.item(doc, values[offsets[i] : offsets[i + 1]], stats)["ids"], source
+        docs = [{"source": s, "offset": o, "end": e} for s, o, e in zip(sources, starts, ends)]
+        block = separators.block(docs, np.split(values, offsets[1:-1]), stats, rows=True)
+        yield block["ids"], (block["rows"], block["sources"])
     counts["documents"] = int(stats["documents"])
 
 
@@ -143,9 +145,11 @@ def _encode_batch(table: pa.Table, stage: type, params: dict[str, Any], dtype: s
             ids.append(next(node)["ids"])
         except StopIteration:
             break
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum([len(a) for a in ids], out=offsets[1:])
     return pa.table(
         {
-            "ids": id_lists(ids, np.dtype(dtype), n_vocab),
+            "ids": id_lists(np.concatenate(ids) if ids else np.empty(0, dtype), offsets, np.dtype(dtype), n_vocab),
             "source": table.column("source"),
             "offset": table.column("offset"),
             "end": table.column("end"),
