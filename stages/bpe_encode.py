@@ -14,7 +14,7 @@ from pipeline.registry import register
 from pipeline.schema import FieldError, Positive
 from pipeline.stage import Stage, StageError
 from stages.separators import Separators, document_text, mix_tokens, split_joined
-from stages.encoding import EOT_TEXT, cached_rank_file, encoding_specials, load_encoding
+from stages.encoding import EOT_TEXT, R50K_SHA256, cached_rank_file, encoding_specials, load_encoding
 from stages.fast_bpe import (
     BACKENDS,
     PRETOKENIZERS,
@@ -103,9 +103,12 @@ class BpeEncode(Stage[dict]):
         # one is built when a text needs it (special-token text, a long whitespace run) or to decode
         self.backend = choose_backend(backend, encoding) if encoding in PRETOKENIZERS else None
         ranks = cached_rank_file(encoding) if self.backend == "gigatoken" and not files else None
+        # sha256 of the ranks as a .tiktoken file lists them (prepare records it), when known without the Encoding
+        self.ranks_sha256 = None
         if ranks is not None:
             specials, self.vocab_size = encoding_specials(encoding)
             self._encoding = None
+            self.ranks_sha256 = R50K_SHA256  # that file is that listing (tiktoken's r50k_base.tiktoken, checked)
         else:
             self._encoding = load_encoding(encoding, files)
             specials = {t: self._encoding.encode_single_token(t) for t in self._encoding.special_tokens_set}
@@ -154,7 +157,7 @@ class BpeEncode(Stage[dict]):
             )
         if backend not in BACKENDS:
             raise FieldError("backend", f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        self.encoding_name, self._encoding, self.backend = None, None, "gigatoken"
+        self.encoding_name, self._encoding, self.backend, self.ranks_sha256 = None, None, "gigatoken", None
         self.allowed_special, self._exact = set(), set()
         self._fast = HfTokenizer(self.tokenizer_file, refresh_bytes)
         self.eot_id, self.vocab_size = self._fast.eot_id, self._fast.vocab_size

@@ -58,8 +58,13 @@ def id_runs(whole: pa.Buffer, dtype: np.dtype, where: str) -> list[list[int]]:
     return runs
 
 
-def encoding_identity(encoding) -> dict[str, Any]:
-    """Name, sha256 of the BPE ranks (as a ``.tiktoken`` file lists them), vocabulary size, EOT id."""
+def encoding_identity(encode) -> dict[str, Any]:
+    """Name, sha256 of the BPE ranks (as a ``.tiktoken`` file lists them), vocabulary size, EOT id of the
+    tiktoken encoding of a ``bpe_encode`` stage."""
+    if encode.ranks_sha256 is not None:  # known to the stage: no tiktoken Encoding built and listed (~0.15 s)
+        return {"name": encode.encoding_name, "ranks_sha256": encode.ranks_sha256, "n_vocab": encode.vocab_size,
+                "eot_token": encode.eot_id}
+    encoding = encode.encoding
     # tiktoken 0.14's public API: the mergeable tokens' bytes, and each one's rank (its id)
     ranks = sorted(((token, encoding.encode_single_token(token)) for token in encoding.token_byte_values()),
                    key=lambda item: item[1])

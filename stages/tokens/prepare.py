@@ -186,11 +186,11 @@ def prepare(
     config = used_config(config, output)
     pipe = Pipeline.from_config(config, rank=0, world_size=1)  # the whole corpus, whatever $RANK says
     encode = pipe.stages[output]
-    if not hasattr(getattr(encode, "encoding", None), "token_byte_values"):
+    if getattr(encode, "encoding_name", None) is None:  # word_encode; bpe_encode with a tokenizer_file
         raise PrepareError(
             f"stage `{output}` ({encode.type_name}) has no BPE encoding to record; prepare supports bpe_encode"
         )
-    encoding = encoding_identity(encode.encoding)
+    encoding = encoding_identity(encode)
     dtype = token_dtype(encoding["n_vocab"])
     readers = [n for n in upstream_nodes(pipe.root) if isinstance(n, Reader)]
     paths = list(dict.fromkeys(path for n in readers for path in n.paths()))
