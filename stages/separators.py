@@ -112,10 +112,10 @@ class Separators:
         begins, separated = flags[:, 0], flags[:, 1]
         if any("windowed" in doc for doc in docs):  # pieces continued after a reshard lose their windowed tokens
             ids = [piece[doc.get("windowed", 0) :] for doc, piece in zip(docs, ids)]
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + separated
-        marked = zip(separated.tolist(), ids)
-        parts = [part for sep, piece in marked for part in ((self._separator, piece) if sep else (piece,))]
-        joined = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+        pieces = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        lengths = pieces + separated
+        joined = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
+        joined = np.insert(joined, (np.cumsum(pieces) - pieces)[separated], self.eot_id)  # before those pieces
         starts = (np.cumsum(lengths) - lengths + separated)[begins]  # after each document's separator
         if any("mix" in doc for doc in docs):  # drawn by a mix stage: tokens per input, for metrics
             for doc, n in zip(docs, lengths.tolist()):
