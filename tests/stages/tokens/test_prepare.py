@@ -155,6 +155,39 @@ def test_the_whole_corpus_whatever_the_rank(tmp_path, monkeypatch):
     assert manifest["counts"]["rows"] == len(items) and manifest["counts"]["documents"] == len(items)
 
 
+@pytest.mark.parametrize("kind", ["text", "arrow"])
+def test_a_config_giving_blocks_makes_the_same_shards(tmp_path, kind):
+    if kind == "text":  # pieces of a file continue one another: rows without a separator
+        write_text_corpus(tmp_path / "corpus")
+        config = text_config(tmp_path / "corpus", shard_bytes=700)
+    else:
+        write_arrow_corpus(tmp_path / "corpus")
+        config = arrow_config(tmp_path / "corpus")
+    blocks = json.loads(json.dumps(config))
+    blocks["stages"]["encode"]["blocks"] = True
+    rows = prepare(config, tmp_path / "rows", shard_tokens=400, batch_tokens=150)
+    made = prepare(blocks, tmp_path / "blocks", shard_tokens=400, batch_tokens=150)
+    assert made["counts"] == rows["counts"] and made["shards"] == rows["shards"] and len(rows["shards"]) > 1
+    for shard in rows["shards"]:
+        assert filecmp.cmp(tmp_path / "rows" / shard["file"], tmp_path / "blocks" / shard["file"], shallow=False)
+
+
+def test_the_encoding_is_recorded_alike_whether_or_not_tiktokens_encoding_is_built(tmp_path, backend, monkeypatch):
+    from stages import encoding as encoding_module
+
+    write_arrow_corpus(tmp_path / "corpus")
+    built = arrow_config(tmp_path / "corpus")
+    built["stages"]["encode"]["backend"] = "tiktoken"
+    expected = prepare(built, tmp_path / "built")["encoding"]
+    loads, load = [], encoding_module._load
+    monkeypatch.setattr(encoding_module, "_load", lambda *args: loads.append(args) or load(*args))
+    config = arrow_config(tmp_path / "corpus")
+    config["stages"]["encode"]["backend"] = backend
+    assert prepare(config, tmp_path / "cache")["encoding"] == expected
+    # gigatoken over tiktoken's cached GPT-2 ranks (ENC's load left them there) needs no Encoding
+    assert loads == ([] if backend == "gigatoken" else [("gpt2", ())])
+
+
 # --- refusals and replacing ------------------------------------------------------------------------------
 
 
