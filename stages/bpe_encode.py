@@ -13,7 +13,7 @@ import tiktoken
 from pipeline.registry import register
 from pipeline.schema import FieldError, Positive
 from pipeline.stage import Stage, StageError
-from stages.separators import Separators, document_text, mix_tokens, split_joined
+from stages.separators import Separators, concatenated, document_text, mix_tokens, split_joined
 from stages.encoding import EOT_TEXT, R50K_SHA256, cached_rank_file, encoding_specials, load_encoding
 from stages.fast_bpe import (
     BACKENDS,
@@ -185,28 +185,29 @@ class BpeEncode(Stage[dict]):
         return {"source": head, "previous": self._separators.previous}
 
     def next(self) -> dict:
-        if not self._pending:
-            self._take_call()
         if self.blocks:  # the whole call: the state stays "before its first document"
-            _, docs, ids = zip(*self._pending)
-            self._pending.clear()
-            return self._separators.block(list(docs), list(ids), self.stats, self.block_rows)
+            call, ids, lengths = self._take_call()
+            return self._separators.block(call.docs, ids, lengths, self.stats, self.block_rows)
+        if not self._pending:
+            call, ids, lengths = self._take_call()
+            ends = np.cumsum(lengths).tolist()
+            pieces = [ids[end - n : end] for n, end in zip(lengths.tolist(), ends)]
+            self._pending.extend(zip(call.states, call.docs, pieces))
         _, doc, ids = self._pending.popleft()
         return self._separators.item(doc, ids, self.stats)
 
-    def _take_call(self) -> None:
-        """Wait for the oldest call's ids, having handed the next call to the threads first: the threads
-        encode it while this thread reads documents and the stages downstream use this call's items.
-        Not before the stream's first item: a second thread building its tokenizer would delay it."""
+    def _take_call(self) -> tuple[_Call, np.ndarray, np.ndarray]:
+        """The oldest call and its ids (see ``_Call.result``), waited for having handed the next call to the
+        threads first: the threads encode it while this thread reads documents and the stages downstream use
+        this call's items. Not before the stream's first item: a second thread building its tokenizer would
+        delay it."""
         first = not self._calls and self._goal == FIRST_CALL_BYTES
         if not self._calls:
             self._read_call()
         call = self._calls.popleft()
         if call.docs and not first:
             self._read_call()
-        ids = call.result(self)
-        states = call.states if len(call.states) == len(call.docs) else call.states * len(call.docs)  # blocks: one
-        self._pending.extend(zip(states, call.docs, ids))
+        return (call, *call.result(self))
 
     def _read_call(self) -> None:
         """Read about ``batch_bytes * num_threads`` of text and hand it to the threads (a read error is kept
@@ -252,9 +253,9 @@ class BpeEncode(Stage[dict]):
                 groups.append([])
                 size = 0
 
-        def encode_group(group: list[int]) -> list[np.ndarray]:
+        def encode_group(group: list[int]) -> tuple[np.ndarray, np.ndarray]:
             if len(group) == 1 and (self._fast is None or self._by_tiktoken(texts[group[0]])):
-                return [self._encode_one(texts[group[0]])]
+                return concatenated([self._encode_one(texts[group[0]])])
             if self._fast is not None:
                 return self._fast.encode([texts[i] for i in group])
             joined = self.encoding.encode_to_numpy(
@@ -326,14 +327,16 @@ class _Call:
     def __init__(self, states: list[dict], docs: list[dict], futures: list[Future], error: Exception | None = None):
         self.states, self.docs, self.futures, self.error = states, docs, futures, error
 
-    def result(self, stage: BpeEncode) -> list[np.ndarray]:
-        """Each document's ids, waiting for the threads; the read or encode error as the stage's error."""
+    def result(self, stage: BpeEncode) -> tuple[np.ndarray, np.ndarray]:
+        """The documents' ids one after another and how many are each one's, waiting for the threads; the
+        read or encode error as the stage's error."""
         if self.error is not None:
             raise self.error
         if not self.docs:
             raise StopIteration
         try:
-            return [ids for future in self.futures for ids in future.result()]
+            groups = [future.result() for future in self.futures]
+            return np.concatenate([ids for ids, _ in groups]), np.concatenate([n for _, n in groups])
         except Exception as e:  # noqa: BLE001 - explained by the stage where it can be
             error = stage._failed(self.docs, e)
             if error is e:

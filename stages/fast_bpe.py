@@ -17,7 +17,7 @@ import tiktoken
 from tiktoken_ext.openai_public import ENDOFTEXT as EOT_TEXT
 
 from pipeline.schema import FieldError, MissingFileError
-from stages.separators import split_joined
+from stages.separators import concatenated, split_joined
 
 BACKENDS = ("auto", "tiktoken", "gigatoken")
 DISABLE_ENV = "TEXTPIPE_GIGATOKEN"  # set to 0: behave as if gigatoken were not installed (tests, CI)
@@ -94,10 +94,11 @@ class FastBpe:
             with _IDLE_LOCK:
                 _IDLE.setdefault(self.key, []).append(lent)
 
-    def encode(self, texts: list[str]) -> list[np.ndarray]:
-        """Each text's ids (``int32``), as if encoded one by one; gigatoken's ``encode`` releases the GIL."""
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The texts' ids (``int32``) one after another, as if encoded one by one, and how many are each
+        text's; gigatoken's ``encode`` releases the GIL."""
         with self.tokenizer(sum(map(len, texts))) as tokenizer:
-            return [tokenizer.encode(text).astype(np.int32) for text in texts]
+            return concatenated([tokenizer.encode(text) for text in texts])
 
     def _new(self):
         raise NotImplementedError
@@ -136,8 +137,9 @@ class TiktokenRanks(FastBpe):
                 path, pretokenizer=self.pretokenizer, special_tokens={EOT_TEXT: self.eot_id}
             )
 
-    def encode(self, texts: list[str]) -> list[np.ndarray]:
-        """Each text's ids, the texts (none holding ``<|endoftext|>``) joined by it in one call and split back."""
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The texts' ids and counts, the texts (none holding ``<|endoftext|>``) joined by it in one call and
+        split back."""
         text = EOT_TEXT.join(texts)
         with self.tokenizer(len(text)) as tokenizer:
             return split_joined(tokenizer.encode(text), self.eot_id)

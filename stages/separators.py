@@ -44,10 +44,18 @@ def document_text(stage, doc: Any) -> str:
     return text
 
 
-def split_joined(joined: np.ndarray, eot_id: int) -> list[np.ndarray]:
-    """The ids of texts encoded joined by ``<|endoftext|>`` (none holding it), split back at its id (``int32``)."""
-    first, *rest = np.split(joined.astype(np.int32, copy=False), np.flatnonzero(joined == eot_id))
-    return [first] + [piece[1:] for piece in rest]  # each later piece starts with the separator
+def split_joined(joined: np.ndarray, eot_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ids of texts encoded joined by ``<|endoftext|>`` (none holding it): all of them without the
+    separators (``int32``), and how many are each text's (``int64``), found without an array per text."""
+    at = np.flatnonzero(joined == eot_id)
+    lengths = np.diff(np.concatenate([[-1], at, [len(joined)]])) - 1
+    return np.delete(joined, at).astype(np.int32, copy=False), lengths
+
+
+def concatenated(pieces: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Texts' ids (``int32``) in ``split_joined``'s form: all of them, and how many are each text's."""
+    lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+    return (np.concatenate(pieces) if pieces else np.zeros(0, np.int32)).astype(np.int32, copy=False), lengths
 
 
 def mix_tokens(stats: Counter) -> dict[str, float]:
@@ -103,19 +111,22 @@ class Separators:
             **{k: v for k, v in doc.items() if k != "text"},
         }
 
-    def block(self, docs: list[dict], ids: list[np.ndarray], stats: Counter, rows: bool = False) -> dict[str, Any]:
-        """One item for many documents: their ids joined (separators between) and where each starts;
-        with ``rows``, also ``rows`` (where the ids ``item`` would give for each document begin, its
-        separator first, and where the last ends: ``len(docs) + 1`` offsets) and ``sources`` (each
-        document's ``source``), so that ``prepare`` writes a row per document without a dict each."""
+    def block(
+        self, docs: list[dict], ids: np.ndarray, lengths: np.ndarray, stats: Counter, rows: bool = False
+    ) -> dict[str, Any]:
+        """One item for many documents, whose ids are ``ids`` one after another (``lengths`` each, as
+        ``split_joined`` gives them): their ids with separators between, and where each starts; with
+        ``rows``, also ``rows`` (where the ids ``item`` would give for each document begin, its separator
+        first, and where the last ends: ``len(docs) + 1`` offsets) and ``sources`` (each document's
+        ``source``), so that ``prepare`` writes a row per document without a dict each."""
         flags = np.array([self._start(doc) for doc in docs], dtype=bool).reshape(-1, 2)  # (starts, separated)
         begins, separated = flags[:, 0], flags[:, 1]
         if any("windowed" in doc for doc in docs):  # pieces continued after a reshard lose their windowed tokens
-            ids = [piece[doc.get("windowed", 0) :] for doc, piece in zip(docs, ids)]
-        pieces = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        lengths = pieces + separated
-        joined = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
-        joined = np.insert(joined, (np.cumsum(pieces) - pieces)[separated], self.eot_id)  # before those pieces
+            ends = np.cumsum(lengths).tolist()
+            pieces = [ids[end - n + doc.get("windowed", 0) : end] for doc, n, end in zip(docs, lengths.tolist(), ends)]
+            ids, lengths = concatenated(pieces)
+        joined = np.insert(ids, (np.cumsum(lengths) - lengths)[separated], self.eot_id)  # before those documents
+        lengths = lengths + separated
         starts = (np.cumsum(lengths) - lengths + separated)[begins]  # after each document's separator
         if any("mix" in doc for doc in docs):  # drawn by a mix stage: tokens per input, for metrics
             for doc, n in zip(docs, lengths.tolist()):

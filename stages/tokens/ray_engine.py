@@ -56,7 +56,7 @@ def rows(pipe: Pipeline, encode, dtype: np.dtype, counts: dict[str, int]) -> Ite
         offsets = offsets - offsets[0]  # flatten() starts at the first row's values
         sources, starts, ends = (table.column(n).to_pylist() for n in ("source", "offset", "end"))
         docs = [{"source": s, "offset": o, "end": e} for s, o, e in zip(sources, starts, ends)]
-        block = separators.block(docs, np.split(values, offsets[1:-1]), stats, rows=True)
+        block = separators.block(docs, values, np.diff(offsets), stats, rows=True)
         yield block["ids"], (block["rows"], block["sources"])
     counts["documents"] = int(stats["documents"])
 
