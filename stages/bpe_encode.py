@@ -54,7 +54,7 @@ class BpeEncode(Stage[dict]):
         eot: put ``<|endoftext|>`` between documents.
         allowed_special: special tokens to honour when their text appears in a document (``all``, one
             name, or a list); by default such text is encoded as plain text, safe for web text.
-        num_threads: encode threads (both backends release the GIL).
+        num_threads: encode threads (tiktoken releases the GIL; gigatoken's ``encode`` holds it).
         batch_bytes: text encoded per call.
         backend: ``auto`` (gigatoken when it is installed and implements the encoding, else tiktoken
             with a notice), ``tiktoken`` or ``gigatoken``.
