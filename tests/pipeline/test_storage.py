@@ -556,17 +556,17 @@ def _objects(name: str, prefix: str) -> dict[str, bytes]:
     return {key[len(prefix) + 1 :]: client.get_object(Bucket=name, Key=key)["Body"].read() for key in keys}
 
 
-def _stop_after(monkeypatch, rows: int, then) -> None:
-    """prepare's local engine calls ``then()`` after ``rows`` rows (and raises what it raises)."""
-    engine_rows = local_engine.rows
+def _stop_after(monkeypatch, shards: int, then) -> None:
+    """prepare calls ``then()`` once it has uploaded ``shards`` shard objects (and raises what it raises)."""
+    uploaded = []
 
-    def stopping(*args):
-        for n, row in enumerate(engine_rows(*args)):
-            if n == rows:
-                then()
-            yield row
+    def stopping(local: str, uri: str) -> None:
+        storage.upload(local, uri)
+        uploaded.append(uri)
+        if len(uploaded) == shards and not uri.endswith("manifest.json"):
+            then()
 
-    monkeypatch.setattr(local_engine, "rows", stopping)
+    monkeypatch.setattr(prepare_module, "upload", stopping)
 
 
 def test_prepare_out_to_s3_writes_the_local_cache_with_the_manifest_last(tmp_path, bucket, monkeypatch):
@@ -576,7 +576,7 @@ def test_prepare_out_to_s3_writes_the_local_cache_with_the_manifest_last(tmp_pat
     config = _prepare_config("jsonl", f"s3://{name}")
     prepare(config, tmp_path / "local", shard_tokens=100, batch_tokens=30)
     midway = []
-    _stop_after(monkeypatch, 40, lambda: midway.append(sorted(_objects(name, "cache"))))
+    _stop_after(monkeypatch, 1, lambda: midway.append(sorted(_objects(name, "cache"))))
     prepare(config, f"s3://{name}/cache/", shard_tokens=100, batch_tokens=30)
     assert midway[0] and "manifest.json" not in midway[0]  # shards were uploaded before it
     local = {p.name: p.read_bytes() for p in (tmp_path / "local").iterdir()}
@@ -598,7 +598,7 @@ def test_an_interrupted_prepare_to_s3_leaves_no_cache_and_a_rerun_makes_the_righ
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        _stop_after(patch, 40, interrupt)
+        _stop_after(patch, 1, interrupt)
         with pytest.raises(KeyboardInterrupt):
             prepare(config, f"s3://{name}/cache", shard_tokens=100)
     assert "manifest.json" not in _objects(name, "cache") and len(_objects(name, "cache")) > 1
