@@ -14,7 +14,14 @@ from pipeline.registry import register
 from pipeline.schema import FieldError, Positive
 from pipeline.stage import Stage, StageError
 from stages.separators import Separators, concatenated, document_text, mix_tokens, split_joined
-from stages.encoding import EOT_TEXT, R50K_SHA256, cached_rank_file, encoding_specials, load_encoding
+from stages.encoding import (
+    EOT_TEXT,
+    R50K_N_VOCAB,
+    R50K_SHA256,
+    R50K_SPECIALS,
+    cached_rank_file,
+    load_encoding,
+)
 from stages.fast_bpe import (
     BACKENDS,
     PRETOKENIZERS,
@@ -106,7 +113,7 @@ class BpeEncode(Stage[dict]):
         # sha256 of the ranks as a .tiktoken file lists them (prepare records it), when known without the Encoding
         self.ranks_sha256 = None
         if ranks is not None:
-            specials, self.vocab_size = encoding_specials(encoding)
+            specials, self.vocab_size = R50K_SPECIALS, R50K_N_VOCAB  # the cached file is r50k's ranks
             self._encoding = None
             self.ranks_sha256 = R50K_SHA256  # that file is that listing (tiktoken's r50k_base.tiktoken, checked)
         else:

@@ -27,6 +27,9 @@ from pipeline.schema import FieldError, MissingFileError
 EOT_TEXT = openai_public.ENDOFTEXT  # "<|endoftext|>", id 50256 in GPT-2
 R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"  # GPT-2's ranks, as tiktoken
 R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # tiktoken's, for that file
+# gpt2 and r50k_base (tiktoken_ext.openai_public, tiktoken 0.14) have one special token, after their 50,256 ranks;
+# their constructors state it but also load the ranks, which a stage over cached_rank_file's file need not do
+R50K_SPECIALS, R50K_N_VOCAB = {EOT_TEXT: 50256}, 50257
 
 
 class EncodingFileMissing(MissingFileError):
@@ -120,21 +123,6 @@ def load_encoding(name: str = "gpt2", files: dict[str, str] | None = None) -> ti
             raise MissingFileError("encoding_files",
                                    f"encoding `{name}`: file {filename} given as {path} does not exist")
     return _load(name, tuple(sorted((files or {}).items())))
-
-
-def encoding_specials(name: str) -> tuple[dict[str, int], int]:
-    """The special tokens (text to id) and vocabulary size of tiktoken's encoding ``name`` (one whose
-    constructor states its size, as GPT-2's does), read without its ranks: no file, no ``Encoding`` built."""
-    known = tiktoken.registry.list_encoding_names()  # also fills ENCODING_CONSTRUCTORS
-    if name not in known:
-        raise FieldError("encoding", f"unknown encoding `{name}`; tiktoken knows {sorted(known)}")
-    with (  # each rank loader gives no ranks
-        _PATCHING,
-        mock.patch.object(openai_public, "load_tiktoken_bpe", return_value={}),
-        mock.patch.object(openai_public, "data_gym_to_mergeable_bpe_ranks", return_value={}),
-    ):
-        spec = tiktoken.registry.ENCODING_CONSTRUCTORS[name]()
-    return spec["special_tokens"], spec["explicit_n_vocab"]
 
 
 def cached_rank_file(name: str) -> bytes | None:

@@ -509,6 +509,8 @@ def test_gpt2_ranks_are_converted_once_then_read_from_tiktokens_cache(tmp_path, 
 @pytest.mark.skipif("gigatoken" not in BACKENDS, reason="gigatoken is not installed or is disabled")
 def test_gigatoken_over_cached_gpt2_ranks_builds_tiktokens_encoding_only_when_a_text_needs_it(monkeypatch):
     assert encoding_module.cached_rank_file("gpt2") is not None  # ENC's load left GPT-2's ranks in tiktoken's cache
+    specials = {t: ENC.encode_single_token(t) for t in ENC.special_tokens_set}
+    assert (encoding_module.R50K_SPECIALS, encoding_module.R50K_N_VOCAB) == (specials, ENC.n_vocab)
     loads, load = [], encoding_module._load
     monkeypatch.setattr(encoding_module, "_load", lambda *args: loads.append(args) or load(*args))
     plain = random_texts(50, seed=11)
