@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -200,6 +200,40 @@ class ShardedSource(Reader):
     def get_state(self) -> dict:
         state = {"epoch": self._epoch, "index": self._index, "position": self._position}
         return {**state, "seams": self._seams} if self._seams else state
+
+    def read_many(self, unit, position, budget: int, size: Callable[[Any], int]) -> tuple[list, Any, int] | None:
+        """Items of ``unit`` from ``position`` (not None) until their ``size`` adds up to ``budget``, the position
+        after them and their total size; None when the unit is done. By default ``read`` one at a time; a reader
+        that can give a unit's items for less overrides it."""
+        items, total = [], 0
+        while total < budget:
+            out = self.read(unit, position)
+            if out is None:
+                break
+            item, position = out
+            items.append(item)
+            total += size(item)
+        return (items, position, total) if items else None
+
+    def _more(self, budget: int, size: Callable[[Any], int]) -> list:
+        items = []
+        while budget > 0 and self._index < len(self._assigned):
+            if self._position is None:  # a unit's first item, as next() gives it (a seam may mark it)
+                try:
+                    items.append(self.next())
+                except StopIteration:
+                    break
+                budget -= size(items[-1])
+                continue
+            out = self.read_many(self.units[self._assigned[self._index][0]], self._position, budget, size)
+            if out is None:
+                self.close_unit()
+                self._index, self._position = self._index + 1, None
+                continue
+            more, self._position, used = out
+            items += more
+            budget -= used
+        return items
 
     def next(self):
         while self._index < len(self._assigned):

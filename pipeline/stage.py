@@ -6,7 +6,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 from torchdata.nodes import BaseNode
@@ -124,6 +124,37 @@ class Stage(BaseNode[T]):
         if self._counts_tokens:
             self.stats["tokens"] += self.tokens_in(item)
         return item
+
+    def next_many(self, budget: int, size: Callable[[T], int]) -> list[T]:
+        """Items as ``next()`` gives them, until their ``size`` adds up to ``budget`` or the stream ends (then
+        fewer; none at its end), counted as ``__next__`` counts them but without its wrapping of each item:
+        for a consumer that takes many at once (an encoder reading a call's documents)."""
+        try:
+            first = next(self)  # through __next__: it starts the stream if it has not started
+        except StopIteration:
+            return []
+        start = time.perf_counter()
+        try:
+            more = self._more(budget - size(first), size)
+        finally:
+            self.stats["seconds"] += time.perf_counter() - start
+        self.stats["items"] += len(more)
+        if self._counts_tokens:
+            self.stats["tokens"] += sum(map(self.tokens_in, more))
+        return [first, *more]
+
+    def _more(self, budget: int, size: Callable[[T], int]) -> list[T]:
+        """``next_many``'s next items after its first, until their ``size`` adds up to ``budget`` (none when it
+        is not positive) or the stream ends; a stage that can give many items for less than a ``next`` each
+        overrides it."""
+        items: list[T] = []
+        try:
+            while budget > 0:
+                items.append(self.next())
+                budget -= size(items[-1])
+        except StopIteration:
+            pass
+        return items
 
     def tokens_in(self, item: T) -> int:
         """Tokens in ``item``, an item this stage gives, added to ``stats["tokens"]`` (declared by the stages

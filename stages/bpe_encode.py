@@ -44,7 +44,7 @@ class BpeEncode(Stage[dict]):
     the documents joined by ``<|endoftext|>`` (when ``eot``): its id starts every item after the first
     that does not continue the previous one (a piece of the same file starting at its ``end``). Short documents are
     joined into calls of about ``batch_bytes`` (tiktoken's per-call cost dominates on short texts)
-    and the calls run on ``num_threads`` threads (tiktoken releases the GIL).
+    and the calls run on ``num_threads`` threads (tiktoken and gigatoken's ``encode_batch`` release the GIL).
 
     The ``gigatoken`` backend is 4-7x faster and exact: built from the encoding's own ranks, it
     encodes the same calls on the same threads; documents holding the text of ``<|endoftext|>`` or
@@ -61,7 +61,7 @@ class BpeEncode(Stage[dict]):
         eot: put ``<|endoftext|>`` between documents.
         allowed_special: special tokens to honour when their text appears in a document (``all``, one
             name, or a list); by default such text is encoded as plain text, safe for web text.
-        num_threads: encode threads (tiktoken releases the GIL; gigatoken's ``encode`` holds it).
+        num_threads: encode threads (both backends release the GIL while they encode).
         batch_bytes: text encoded per call.
         backend: ``auto`` (gigatoken when it is installed and implements the encoding, else tiktoken
             with a notice), ``tiktoken`` or ``gigatoken``.
@@ -136,7 +136,7 @@ class BpeEncode(Stage[dict]):
         self.eot_id = specials[EOT_TEXT]
         if self.backend == "gigatoken":
             ranks = ranks or rank_file(self.encoding)
-            self._fast = TiktokenRanks(ranks, PRETOKENIZERS[encoding], self.eot_id, refresh_bytes)
+            self._fast = TiktokenRanks(ranks, PRETOKENIZERS[encoding], refresh_bytes)
         else:
             self._fast = None
 
@@ -223,15 +223,19 @@ class BpeEncode(Stage[dict]):
         goal = min(self._goal, self.batch_bytes * self.num_threads)
         self._goal *= 2
         try:
-            while size < goal:
-                if not self.blocks or not states:  # a block's state is the one before its first document
-                    states.append(self.source.state_dict())
-                try:
-                    doc = next(self.source)
-                except StopIteration:
-                    break
-                size += len(document_text(self, doc))
-                docs.append(doc)
+            if self.blocks and isinstance(self.source, Stage):  # a block's state is the one before its first document
+                states.append(self.source.state_dict())
+                docs = self.source.next_many(goal, lambda doc: len(document_text(self, doc)))
+            else:  # one at a time, with the state before each (a block: before the first)
+                while size < goal:
+                    if not self.blocks or not states:
+                        states.append(self.source.state_dict())
+                    try:
+                        doc = next(self.source)
+                    except StopIteration:
+                        break
+                    size += len(document_text(self, doc))
+                    docs.append(doc)
         except Exception as e:  # noqa: BLE001 - raised from the call's place in the stream
             self._calls.append(_Call(states[:1], [], [], e))
             return

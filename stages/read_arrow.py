@@ -209,6 +209,23 @@ class ReadArrow(ShardedSource, Stage[dict]):
         self.stats["documents"] += 1
         return doc, row + 1
 
+    def read_many(self, unit: list[int], position: int, budget: int, size) -> tuple[list[dict], int, int] | None:
+        """As ``read``, for many rows in one loop; a null text or a bad position goes to ``read``."""
+        if self._rows is None:
+            self._load(self.files[unit[0]], unit[1])
+        texts, meta = self._rows
+        if not (isinstance(position, int) and 0 <= position < len(texts)) or texts[position] is None:
+            return super().read_many(unit, position, budget, size)
+        path, shard, docs, total, row = self.files[unit[0]].path, unit[1], [], 0, position
+        while row < len(texts) and texts[row] is not None and total < budget:
+            doc = {name: values[row] for name, values in meta.items()}
+            doc.update(text=texts[row], source=path, shard=shard, record=row)
+            docs.append(doc)
+            total += size(doc)
+            row += 1
+        self.stats["documents"] += len(docs)
+        return docs, row, total
+
     def close_unit(self) -> None:
         self._rows = None
 

@@ -119,8 +119,13 @@ class Separators:
         ``rows``, also ``rows`` (where the ids ``item`` would give for each document begin, its separator
         first, and where the last ends: ``len(docs) + 1`` offsets) and ``sources`` (each document's
         ``source``), so that ``prepare`` writes a row per document without a dict each."""
-        flags = np.array([self._start(doc) for doc in docs], dtype=bool).reshape(-1, 2)  # (starts, separated)
-        begins, separated = flags[:, 0], flags[:, 1]
+        if any("offset" in doc or "windowed" in doc for doc in docs):  # pieces of files: ask each
+            flags = np.array([self._start(doc) for doc in docs], dtype=bool).reshape(-1, 2)  # (starts, separated)
+            begins, separated = flags[:, 0], flags[:, 1]
+        else:  # whole documents (records): each starts one, after a separator but at the stream's start
+            begins, separated = np.ones(len(docs), dtype=bool), np.full(len(docs), self.enabled)
+            separated[0] &= self._start(docs[0])[1]
+            self.previous = [docs[-1].get("source"), docs[-1].get("end", -1)]
         if any("windowed" in doc for doc in docs):  # pieces continued after a reshard lose their windowed tokens
             ends = np.cumsum(lengths).tolist()
             pieces = [ids[end - n + doc.get("windowed", 0) : end] for doc, n, end in zip(docs, lengths.tolist(), ends)]

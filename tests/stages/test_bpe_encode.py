@@ -20,12 +20,15 @@ from torchdata.nodes import IterableWrapper, Loader
 
 from pipeline import StageError
 from stages import encoding as encoding_module
+from stages import fast_bpe
 from stages.bpe_encode import BpeEncode
 from stages.encoding import EncodingFileMissing, load_encoding
 from stages.separators import document_ids
+from stages.read_arrow import ReadArrow
 from stages.read_text import ReadText
 from stages.runs import MAX_RUN, WHITESPACE, UncuttableRun, cut_long_runs, has_long_run
 from tests.conftest import BACKENDS
+from tests.corpora import write_arrow_corpus
 from tests.resume import check_resume
 
 ENC = load_encoding("gpt2")
@@ -357,12 +360,27 @@ hostile = st.text(st.characters(codec="utf-8"), max_size=200) | st.lists(st.samp
 )
 
 
+@pytest.fixture(params=["small", "batch"])
+def gigatoken_call(request, monkeypatch):
+    """gigatoken's two ways to encode a call: ``encode`` per text (small calls) or ``encode_batch`` (all others)."""
+    if request.param == "batch":
+        monkeypatch.setattr(fast_bpe, "SMALL_CALL", 0)
+    return request.param
+
+
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(texts=st.lists(hostile, min_size=1, max_size=12), batch_bytes=st.sampled_from([1, 64, 1 << 20]))
-def test_every_backend_gives_tiktokens_ids_on_hostile_text(backend, texts, batch_bytes):
+def test_every_backend_gives_tiktokens_ids_on_hostile_text(backend, gigatoken_call, texts, batch_bytes):
     out = encode_all(texts, batch_bytes=batch_bytes, backend=backend)
     expected = [([EOT] if i else []) + ENC.encode_ordinary(t) for i, t in enumerate(texts)]
     assert [item["ids"].tolist() for item in out] == expected
+
+
+@pytest.mark.skipif("gigatoken" not in BACKENDS, reason="gigatoken is not installed or is disabled")
+def test_a_lone_surrogate_is_a_stage_error_naming_the_record_in_either_gigatoken_call(gigatoken_call):
+    docs = [{"text": t, "source": "mem.jsonl", "record": i} for i, t in enumerate(["before", "a\ud800b", "after"])]
+    with pytest.raises(StageError, match=r"file mem.jsonl, record 1: text is not valid Unicode"):
+        list(Loader(BpeEncode(IterableWrapper(docs), backend="gigatoken")))
 
 
 @pytest.mark.skipif("gigatoken" not in BACKENDS, reason="gigatoken is not installed or is disabled")
@@ -469,6 +487,22 @@ def test_pieces_of_one_file_start_one_document(shakespeare_path, backend):
     for blocks in (False, True):
         out = list(Loader(BpeEncode(reader(), batch_bytes=50_000, backend=backend, blocks=blocks)))
         assert len(out) > 3 and starts_of(out) == [0]
+
+
+def test_blocks_over_a_reader_hold_the_per_document_stream_and_resume_exactly(tmp_path, backend):
+    """A reader hands a block's documents over with ``next_many``: the same documents, counted alike."""
+    write_arrow_corpus(tmp_path)
+    texts = [d["text"] for d in ReadArrow(str(tmp_path))]
+    per_document, blocks = (BpeEncode(ReadArrow(str(tmp_path)), batch_bytes=300, backend=backend, blocks=b)
+                            for b in (False, True))
+    items, block_items = list(Loader(per_document)), list(Loader(blocks))
+    assert 3 < len(block_items) < len(items) == len(texts)
+    assert flat(block_items) == flat(items) == book_stream(texts, ENC.encode_ordinary)
+    assert starts_of(block_items) == starts_of(items)
+    assert blocks.source.stats["items"] == per_document.source.stats["items"] == len(texts)
+    reference = check_resume(lambda: BpeEncode(ReadArrow(str(tmp_path)), batch_bytes=300, backend=backend,
+                                               blocks=True))
+    assert len(reference) > 3
 
 
 def test_blocks_resume_exactly():

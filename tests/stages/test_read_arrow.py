@@ -254,3 +254,35 @@ def test_stream_units_with_dictionaries_read_like_pyarrow(tmp_path, deltas):
     assert sorted((d["shard"], d["record"]) for d in docs) == [(b, r) for b in range(4) for r in range(3)]
     for d in docs:
         assert {"text": d["text"], "lang": d["lang"]} == expected[d["shard"] * 3 + d["record"]]
+
+
+def _taken(node, budget: int) -> list[dict]:
+    out = []
+    while docs := node.next_many(budget, size=lambda d: len(d["text"])):
+        out += docs
+    return out
+
+
+@pytest.mark.parametrize("budget", [1, 7, 40, 10**9])
+def test_many_rows_at_once_are_the_rows_one_by_one(tmp_path, budget):
+    """``next_many`` (an encoder's blocks) reads a unit's rows in one loop: the same documents, nulls
+    skipped or refused alike, the same counters, and a state saved between calls resumes there."""
+    path = tmp_path / "t.arrow"
+    texts = [None, "ab", "cde", None, None, "f", "ghij", None]
+    schema = pa.schema([("text", pa.string()), ("n", pa.int64())])
+    with ipc.new_file(path, schema) as writer:
+        for i in range(0, len(texts), 3):
+            rows = texts[i : i + 3]
+            writer.write_batch(pa.record_batch({"text": rows, "n": list(range(i, i + len(rows)))}, schema))
+    one, many = ReadArrow(str(path), columns=["n"], on_null="skip"), ReadArrow(str(path), columns=["n"], on_null="skip")
+    expected = list(one)
+    assert _taken(many, budget) == expected and [d["text"] for d in expected] == ["ab", "cde", "f", "ghij"]
+    assert dict(many.stats) | {"seconds": 0} == dict(one.stats) | {"seconds": 0}
+    with pytest.raises(StageError, match=r"file .*t\.arrow, shard 0, row 0: null in text column"):
+        _taken(ReadArrow(str(path)), budget)
+    for stop in range(1, 4):  # saved after `stop` documents, restored in a new reader
+        node = ReadArrow(str(path), columns=["n"], on_null="skip")
+        head = [next(node) for _ in range(stop)]
+        restored = ReadArrow(str(path), columns=["n"], on_null="skip")
+        restored.reset(json.loads(json.dumps(node.state_dict())))
+        assert head + _taken(restored, budget) == expected
