@@ -220,7 +220,7 @@ class BpeEncode(Stage[dict]):
         """Read about ``batch_bytes * num_threads`` of text and hand it to the threads (a read error is kept
         for when the calls before it are taken, as if read then)."""
         docs, states, size = [], [], 0
-        goal = min(self._goal, self.batch_bytes * self.num_threads)
+        goal, first = min(self._goal, self.batch_bytes * self.num_threads), self._goal == FIRST_CALL_BYTES
         self._goal *= 2
         try:
             if self.blocks and isinstance(self.source, Stage):  # a block's state is the one before its first document
@@ -240,10 +240,11 @@ class BpeEncode(Stage[dict]):
             self._calls.append(_Call(states[:1], [], [], e))
             return
         states = states[: len(docs)] if docs else []
-        self._calls.append(_Call(states, docs, self._submit([d["text"] for d in docs]) if docs else []))
+        self._calls.append(_Call(states, docs, self._submit([d["text"] for d in docs], first) if docs else []))
 
-    def _submit(self, texts: list[str]) -> list[Future]:
-        """Hand the texts to the encode threads: a future per group, whose results joined are each text's ids."""
+    def _submit(self, texts: list[str], first: bool) -> list[Future]:
+        """Hand the texts to the encode threads: a future per group, whose results joined are each text's ids
+        (gigatoken's batch encode but for the stream's first call: see ``FastBpe.encode``)."""
         if self._pool is None or self._pool_pid != os.getpid():  # a pool's threads do not survive a fork
             self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix=f"encode-{self.name}")
             self._pool_pid = os.getpid()
@@ -268,7 +269,7 @@ class BpeEncode(Stage[dict]):
             if len(group) == 1 and (self._fast is None or self._by_tiktoken(texts[group[0]])):
                 return concatenated([self._encode_one(texts[group[0]])])
             if self._fast is not None:
-                return self._fast.encode([texts[i] for i in group])
+                return self._fast.encode([texts[i] for i in group], batch=not first)
             joined = self.encoding.encode_to_numpy(
                 EOT_TEXT.join(texts[i] for i in group), allowed_special={EOT_TEXT}, disallowed_special=()
             )

@@ -22,7 +22,6 @@ BACKENDS = ("auto", "tiktoken", "gigatoken")
 DISABLE_ENV = "TEXTPIPE_GIGATOKEN"  # set to 0: behave as if gigatoken were not installed (tests, CI)
 # gigatoken's pre-tokenizer for each tiktoken encoding whose split pattern it implements (tiktoken_ext.openai_public);
 # p50k's ranks leave a hole at 50256, which gigatoken's rank loader refuses.
-SMALL_CALL = 1 << 17  # characters: smaller calls encode without encode_batch (see FastBpe.encode)
 PRETOKENIZERS = {"gpt2": "gpt2", "r50k_base": "gpt2", "cl100k_base": "gpt4", "o200k_base": "o200k"}
 
 
@@ -94,22 +93,21 @@ class FastBpe:
             with _IDLE_LOCK:
                 _IDLE.setdefault(self.key, []).append(lent)
 
-    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, texts: list[str], batch: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """The texts' ids (``int32``) one after another, as if encoded one by one, and how many are each
         text's.
 
-        gigatoken 0.10's ``encode_batch(parallel=False)`` lets go of the GIL while it encodes on the calling
-        thread: the encode threads run side by side and beside the pipeline's own (measured on 100 MB, 2
-        cores: 2 threads 0.19 s, 1 thread 0.36 s). Its ``encode`` holds the GIL (2 threads no faster than
-        1) but needs no awkward, whose import (~0.3 s) would delay a stream's first item: calls under
-        ``SMALL_CALL`` characters (the first one) take it.
+        With ``batch``, gigatoken 0.10's ``encode_batch(parallel=False)``: it lets go of the GIL while it
+        encodes on the calling thread, so the encode threads run side by side and beside the pipeline's own
+        (measured on 100 MB, 2 cores: 2 threads 0.19 s, 1 thread 0.36 s). Else ``encode`` per text, which
+        holds the GIL (2 threads no faster than 1) but needs no awkward: ``encode_batch`` gives its ids as an
+        awkward array, and importing awkward (~0.25 s) would delay a stream's first item.
         """
-        nbytes = sum(map(len, texts))
-        with self.tokenizer(nbytes) as tokenizer:
-            if nbytes < SMALL_CALL:
+        with self.tokenizer(sum(map(len, texts))) as tokenizer:
+            if not batch:
                 return concatenated([tokenizer.encode(text) for text in texts])
             ids = tokenizer.encode_batch(texts, parallel=False)
-        import awkward as ak  # imported by encode_batch, which gives its ids as an awkward array
+        import awkward as ak  # imported by encode_batch
 
         counts = ak.to_numpy(ak.num(ids, axis=1)).astype(np.int64)
         return ak.to_numpy(ak.flatten(ids, axis=1)).view(np.int32), counts  # ids < 2**31: the same values

@@ -20,7 +20,6 @@ from torchdata.nodes import IterableWrapper, Loader
 
 from pipeline import StageError
 from stages import encoding as encoding_module
-from stages import fast_bpe
 from stages.bpe_encode import BpeEncode
 from stages.encoding import EncodingFileMissing, load_encoding
 from stages.separators import document_ids
@@ -360,27 +359,34 @@ hostile = st.text(st.characters(codec="utf-8"), max_size=200) | st.lists(st.samp
 )
 
 
-@pytest.fixture(params=["small", "batch"])
-def gigatoken_call(request, monkeypatch):
-    """gigatoken's two ways to encode a call: ``encode`` per text (small calls) or ``encode_batch`` (all others)."""
-    if request.param == "batch":
-        monkeypatch.setattr(fast_bpe, "SMALL_CALL", 0)
-    return request.param
-
-
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(texts=st.lists(hostile, min_size=1, max_size=12), batch_bytes=st.sampled_from([1, 64, 1 << 20]))
-def test_every_backend_gives_tiktokens_ids_on_hostile_text(backend, gigatoken_call, texts, batch_bytes):
+def test_every_backend_gives_tiktokens_ids_on_hostile_text(backend, texts, batch_bytes):
     out = encode_all(texts, batch_bytes=batch_bytes, backend=backend)
     expected = [([EOT] if i else []) + ENC.encode_ordinary(t) for i, t in enumerate(texts)]
     assert [item["ids"].tolist() for item in out] == expected
 
 
 @pytest.mark.skipif("gigatoken" not in BACKENDS, reason="gigatoken is not installed or is disabled")
-def test_a_lone_surrogate_is_a_stage_error_naming_the_record_in_either_gigatoken_call(gigatoken_call):
+@settings(max_examples=100, deadline=None)
+@given(texts=st.lists(hostile, max_size=12))
+def test_gigatokens_two_ways_to_encode_a_call_give_tiktokens_ids(texts):
+    """``encode_batch`` (every call but a stream's first) and ``encode`` per text (the first); special tokens' text
+    is plain text to it, as to ``encode_ordinary``."""
+    fast = BpeEncode(documents(["x"]), backend="gigatoken")._fast
+    expected = [ENC.encode_ordinary(t) for t in texts]
+    for batch in (True, False):
+        ids, counts = fast.encode(texts, batch=batch)
+        assert ids.dtype == np.int32 and counts.tolist() == [len(e) for e in expected]
+        assert ids.tolist() == [i for e in expected for i in e]
+
+
+@pytest.mark.skipif("gigatoken" not in BACKENDS, reason="gigatoken is not installed or is disabled")
+@pytest.mark.parametrize("batch_bytes", [1, 1 << 20])  # its own call (a batch encode), or in the first one
+def test_a_lone_surrogate_is_a_stage_error_naming_the_record_in_any_call(batch_bytes):
     docs = [{"text": t, "source": "mem.jsonl", "record": i} for i, t in enumerate(["before", "a\ud800b", "after"])]
     with pytest.raises(StageError, match=r"file mem.jsonl, record 1: text is not valid Unicode"):
-        list(Loader(BpeEncode(IterableWrapper(docs), backend="gigatoken")))
+        list(Loader(BpeEncode(IterableWrapper(docs), backend="gigatoken", batch_bytes=batch_bytes)))
 
 
 @pytest.mark.skipif("gigatoken" not in BACKENDS, reason="gigatoken is not installed or is disabled")
