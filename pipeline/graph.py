@@ -6,6 +6,7 @@ import copy
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
@@ -298,8 +299,8 @@ class Pipeline:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        if "root" in self.__dict__:
+    def __del__(self, _finalizing=sys.is_finalizing) -> None:  # bound now: at exit, module globals are gone
+        if "root" in self.__dict__ and not _finalizing():
             self.close()
 
     @property

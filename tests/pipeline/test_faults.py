@@ -10,6 +10,8 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from torchdata.nodes import Loader
 from pipeline import Pipeline, StageError
 from pipeline.checkpoint import load_json
 from stages import ReadArrow, ReadText
-from tests.command_line import cli, run_process, trace_digests
+from tests.command_line import ROOT, cli, run_process, trace_digests
 from tests.corpora import write_arrow_corpus
 
 LINE = "the quick brown fox jumps over the lazy dog\n"
@@ -190,6 +192,15 @@ def test_dropping_a_pipeline_stops_and_reaps_its_workers_promptly(tmp_path, when
     collect_seconds = time.monotonic() - start
     left = {p.pid for p in psutil.Process().children(recursive=True) if p.pid in workers}  # zombies included
     assert collect_seconds < 2 and not left, f"gc.collect() took {collect_seconds:.1f} s; workers not reaped: {left}"
+
+
+def test_a_pipeline_alive_at_exit_leaves_the_interpreter_quietly(tmp_path):
+    """Found by a benchmark, then fixed: ``Pipeline.__del__`` ran while the interpreter tore the modules
+    down and printed ``Exception ignored in: <function Pipeline.__del__ ...> TypeError``."""
+    (tmp_path / "a.txt").write_text(LINE * 100)
+    script = f"from pipeline import Pipeline; from stages import ReadText; p = Pipeline(ReadText({str(tmp_path)!r}))"
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "Exception ignored" not in done.stderr, done.stderr
 
 
 # --- files deleted or truncated mid-run --------------------------------------------------------------
