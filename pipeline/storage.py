@@ -23,6 +23,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 RETRIES = 6  # attempts per request, with the SDK's exponential backoff and jitter in between
+# The AWS standard strategy waits up to 2**n s (random) before retry n; pyarrow 26 offers no backoff setting, so the
+# tests set the SDK's legacy strategy (25 ms * 2**n) here to retry without seconds of sleep.
+S3_RETRY_STRATEGY = pafs.AwsStandardS3RetryStrategy
 GCS_RETRY_SECONDS = 30.0
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
@@ -50,7 +53,7 @@ def _store(scheme: str, bucket: str, pid: int) -> pafs.FileSystem:
         raise OSError(f"{scheme}://{bucket}: cannot reach this store ({e})") from None
     if isinstance(fs, pafs.S3FileSystem):  # the same settings (region, endpoint from the environment), more retries
         settings = fs.__reduce__()[1][0]  # what pickling rebuilds it from: S3FileSystem(**settings)
-        return pafs.S3FileSystem(**settings, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=RETRIES))
+        return pafs.S3FileSystem(**settings, retry_strategy=S3_RETRY_STRATEGY(max_attempts=RETRIES))
     return fs
 
 
