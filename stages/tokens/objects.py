@@ -13,7 +13,8 @@ import pyarrow.ipc as ipc
 from pipeline.storage import open_input, version
 
 READ_TOKENS = 1 << 20  # most tokens one request reads for several windows (2 MB at uint16)
-GAP_TOKENS = 1 << 15  # windows this close (in stream order) share a request: fewer requests, a few KB more read
+GAP_TOKENS = 1 << 15  # windows this close (in one file) share a request: fewer requests, a few KB more read
+FILE_BITS = 40  # a token's place: its file's number above this many bits, its index in the file's tokens below
 THREADS = 8  # requests in flight at once: an object store answers each in ~10-100 ms, mostly waiting
 
 
@@ -87,18 +88,17 @@ class ObjectShards:
         return list(self._pool.map(fn, *iterables))
 
 
-def request_groups(starts: list[int], runs: list[int], crossing: list[bool], span: int) -> list[int]:
-    """Where to cut sorted window ``starts`` into groups, each read by one request: a group's windows lie in
-    one run (``runs``), at most ``GAP_TOKENS`` apart, spanning at most ``READ_TOKENS``; a window ``crossing``
-    into the next run is a group of its own. Gives each group's first index."""
-    cuts = [0]
-    for i in range(1, len(starts)):
-        if (
-            runs[i] != runs[i - 1]
-            or crossing[i]
-            or crossing[i - 1]
-            or starts[i] - starts[i - 1] > GAP_TOKENS
-            or starts[i] + span - starts[cuts[-1]] > READ_TOKENS
-        ):
-            cuts.append(i)
-    return cuts
+def request_spans(first: list[int], last: list[int]) -> tuple[list[list[int]], list[int]]:
+    """The spans ``[first, last]`` of token places that requests read, from intervals sorted by ``first``, and
+    the span that reads each interval: an interval joins the span before it when it starts at most
+    ``GAP_TOKENS`` after that span's end and the span stays within ``READ_TOKENS``. Places are
+    ``file << FILE_BITS | index``: a span never crosses files."""
+    spans: list[list[int]] = []
+    reader = []
+    for lo, hi in zip(first, last):
+        if spans and lo - spans[-1][1] <= GAP_TOKENS and hi - spans[-1][0] < READ_TOKENS:
+            spans[-1][1] = max(spans[-1][1], hi)
+        else:
+            spans.append([lo, hi])
+        reader.append(len(spans) - 1)
+    return spans, reader

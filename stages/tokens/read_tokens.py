@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from stages.tokens.format import check_cache, id_runs, load_manifest
-from stages.tokens.objects import ObjectError, ObjectShards, request_groups
+from stages.tokens.objects import FILE_BITS, ObjectError, ObjectShards, request_spans
 from pipeline.registry import register
 from pipeline.schema import FieldError, Positive
 from pipeline.seam import RemainingWindows, seam_windows
@@ -68,7 +68,8 @@ class TokenStream:
     batch's ``ids`` values are a contiguous run of it (``format.id_runs``). Windows inside one run are
     gathered with one fancy index; the rare window that crosses a run (or file) boundary is pieced
     together. Shards in object storage are read by ranged requests at the runs the manifest lists
-    (``ids_at``): windows near each other in the stream share a request, requests run on threads.
+    (``ids_at``): windows near each other in one file share a request (the bytes between two runs, a record
+    batch's header, read with them), requests run on threads.
     """
 
     def __init__(self, folder: str, manifest: dict[str, Any], versions: list[list]):
@@ -121,20 +122,38 @@ class TokenStream:
         return out
 
     def _gather_ranged(self, starts: np.ndarray, span: int) -> np.ndarray:
+        runs = np.searchsorted(self.starts, np.stack([starts, starts + span - 1]), side="right") - 1
+        inside, crossing = np.flatnonzero(runs[0] == runs[1]), np.flatnonzero(runs[0] != runs[1])
+        # the places each request is for: a window inside a run, one interval; one that goes on into the next
+        # run, one interval in each file it reaches (places known token by token)
+        first = self._places(starts[inside])
+        places = self._places(starts[crossing, None] + np.arange(span)).ravel()
+        new = np.ones(places.size, dtype=bool)  # where an interval starts among ``places``
+        new[1:] = places[1:] >> FILE_BITS != places[:-1] >> FILE_BITS
+        new[::span] = True
+        cuts = np.flatnonzero(new)
+        lo = np.concatenate([first, places[cuts]])
+        hi = np.concatenate([first + span - 1, places[np.append(cuts[1:], places.size)[: cuts.size] - 1]])
+        order = np.argsort(lo, kind="stable")
+        spans, reader = request_spans(lo[order].tolist(), hi[order].tolist())
+        which = np.empty(len(lo), dtype=np.int64)  # the span that reads each interval
+        which[order] = reader
+        spans = np.array(spans, dtype=np.int64)
+        mask = (1 << FILE_BITS) - 1
+        chunks = self.objects.map(
+            lambda low, high: self.objects.read(low >> FILE_BITS, low & mask, high - low + 1), *spans.T.tolist()
+        )
+        tokens = np.concatenate(chunks)
+        at = np.cumsum([0] + [len(chunk) for chunk in chunks[:-1]]) - spans[:, 0]  # a place's index in tokens, less it
         out = np.empty((len(starts), span), dtype=np.int32)
-        order = np.argsort(starts, kind="stable")
-        ordered = starts[order]
-        run = np.searchsorted(self.starts, ordered, side="right") - 1
-        local = ordered - self.starts[run]
-        cuts = request_groups(ordered.tolist(), run.tolist(), (local + span > self.lengths[run]).tolist(), span)
-
-        def read(first: int, stop: int) -> None:
-            low = int(local[first])
-            tokens = self._piece(int(run[first]), low, int(local[stop - 1]) + span - low)
-            out[order[first:stop]] = tokens[(local[first:stop] - low)[:, None] + np.arange(span)]
-
-        self.objects.map(read, cuts, cuts[1:] + [len(starts)])
+        out[inside] = np.lib.stride_tricks.sliding_window_view(tokens, span)[at[which[: len(inside)]] + first]
+        out[crossing] = tokens[at[which[len(inside) :]][np.cumsum(new) - 1] + places].reshape(-1, span)
         return out
+
+    def _places(self, positions: np.ndarray) -> np.ndarray:
+        """Where stream ``positions`` lie: ``file << FILE_BITS | index`` in the file's tokens (in file order)."""
+        run = np.searchsorted(self.starts, positions, side="right") - 1
+        return (self.owners[run] << FILE_BITS) | (self.bases[run] + positions - self.starts[run])
 
     def _piece(self, run: int, local: int, span: int) -> np.ndarray:
         """Tokens ``local : local + span`` from the start of ``run``, on across runs and files."""
@@ -142,10 +161,7 @@ class TokenStream:
         while span > 0:
             take = min(span, int(self.lengths[run]) - local)
             base, owner = int(self.bases[run]) + local, int(self.owners[run])
-            if self.objects is not None:
-                pieces.append(self.objects.read(owner, base, take))
-            else:
-                pieces.append(self.files[owner][base : base + take])
+            pieces.append(self.files[owner][base : base + take])
             span, run, local = span - take, run + 1, 0
         return np.concatenate(pieces)
 
