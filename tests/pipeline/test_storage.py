@@ -323,6 +323,12 @@ def _upload_cache(cache: Path, put, prefix: str = "cache") -> None:
         put(f"{prefix}/{path.name}", path.read_bytes())
 
 
+def _next_second() -> None:
+    """Wait into the next whole second of the clock (0.01-1.01 s, not a fixed 1.1 s): what is put from now on has
+    a later modification time than anything put before, as S3 keeps them (in whole seconds)."""
+    time.sleep(1.01 - time.time() % 1)
+
+
 def _windows(node) -> np.ndarray:
     return np.concatenate([np.asarray(block) for block in Loader(node)])
 
@@ -405,7 +411,7 @@ def test_read_tokens_refuses_a_replaced_shard_object(token_cache, bucket):
     next(iter(pipe))
     state = json.loads(json.dumps(pipe.state_dict()))
     node = ReadTokens(f"s3://{name}/cache", 8, 3)
-    time.sleep(1.1)  # S3 keeps modification times in whole seconds
+    _next_second()
     put(f"cache/{shard.name}", shard.read_bytes())  # the same size: only its modification time tells
     with pytest.raises(ValueError, match="`corpus` was"):
         Pipeline.from_config(config, num_workers=0).load_state_dict(state)
@@ -469,7 +475,7 @@ def test_prepare_a_corpus_in_s3_gives_the_caches_windows_of_the_local_corpus(tmp
 
 def _replace(where: str, tmp_path, put, key: str, body: bytes) -> None:
     """Put ``body`` in place of the file or object ``key``, with a later modification time."""
-    time.sleep(1.1)  # S3 keeps modification times in whole seconds
+    _next_second()
     if where == "s3":
         put(key, body)
     else:
