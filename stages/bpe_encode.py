@@ -240,11 +240,14 @@ class BpeEncode(Stage[dict]):
             self._calls.append(_Call(states[:1], [], [], e))
             return
         states = states[: len(docs)] if docs else []
-        self._calls.append(_Call(states, docs, self._submit([d["text"] for d in docs], first) if docs else []))
+        # gigatoken's batch encode (GIL-free, needs awkward: see FastBpe.encode) but for the stream's first call and
+        # among several worker processes, which use the cores already and would each import awkward (~0.25 s)
+        batch = not first and self.context.num_workers == 1
+        self._calls.append(_Call(states, docs, self._submit([d["text"] for d in docs], batch) if docs else []))
 
-    def _submit(self, texts: list[str], first: bool) -> list[Future]:
+    def _submit(self, texts: list[str], batch: bool) -> list[Future]:
         """Hand the texts to the encode threads: a future per group, whose results joined are each text's ids
-        (gigatoken's batch encode but for the stream's first call: see ``FastBpe.encode``)."""
+        (gigatoken encodes with ``batch``, see ``FastBpe.encode``)."""
         if self._pool is None or self._pool_pid != os.getpid():  # a pool's threads do not survive a fork
             self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix=f"encode-{self.name}")
             self._pool_pid = os.getpid()
@@ -269,7 +272,7 @@ class BpeEncode(Stage[dict]):
             if len(group) == 1 and (self._fast is None or self._by_tiktoken(texts[group[0]])):
                 return concatenated([self._encode_one(texts[group[0]])])
             if self._fast is not None:
-                return self._fast.encode([texts[i] for i in group], batch=not first)
+                return self._fast.encode([texts[i] for i in group], batch=batch)
             joined = self.encoding.encode_to_numpy(
                 EOT_TEXT.join(texts[i] for i in group), allowed_special={EOT_TEXT}, disallowed_special=()
             )
