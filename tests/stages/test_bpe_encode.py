@@ -20,6 +20,7 @@ from torchdata.nodes import IterableWrapper, Loader
 
 from pipeline import StageError
 from stages import encoding as encoding_module
+from stages import fast_bpe
 from stages.bpe_encode import BpeEncode
 from stages.encoding import EncodingFileMissing, load_encoding
 from stages.separators import document_ids
@@ -428,6 +429,21 @@ def test_gigatoken_is_built_anew_every_refresh_bytes():
     assert flat(list(Loader(node))) == book_stream(texts, ENC.encode_ordinary)
     size = sum(map(len, texts))
     assert size // 1000 < len(builds) <= 2 * (size // 500 + 2)  # per thread, one per ~500 characters
+
+
+@pytest.mark.skipif("gigatoken" not in BACKENDS, reason="gigatoken is not installed or is disabled")
+def test_the_heap_is_trimmed_before_a_tokenizer_replaces_a_dropped_one(monkeypatch):
+    events = []
+    monkeypatch.setattr(fast_bpe, "_trim_heap", lambda: events.append("trim"))
+    monkeypatch.setattr(fast_bpe, "_IDLE", {})  # no tokenizer of earlier tests in the pool, none dropped
+    monkeypatch.setattr(fast_bpe, "_DROPPED", [])
+    texts = random_texts(200, seed=8)
+    node = BpeEncode(documents(texts), backend="gigatoken", batch_bytes=100, refresh_bytes=300, num_threads=1)
+    new = node._fast._new
+    node._fast._new = lambda: events.append("build") or new()
+    assert flat(list(Loader(node))) == book_stream(texts, ENC.encode_ordinary)
+    builds = events.count("build")
+    assert builds > 3 and events[0] == "build" and events[1:] == ["trim", "build"] * (builds - 1)
 
 
 @pytest.mark.skipif("gigatoken" not in BACKENDS, reason="gigatoken is not installed or is disabled")
