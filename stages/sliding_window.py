@@ -29,9 +29,10 @@ class SlidingWindow(Stage[np.ndarray]):
 
     Windows start at ``i in range(0, len(ids) - max_length, stride)`` over the whole stream (documents
     joined), exactly the book's ``GPTDatasetV1``; row ``w`` of a block is ``ids[i : i + max_length + 1]``,
-    so the input is ``w[:-1]`` and the target ``w[1:]``. Each item is a block ``[n, max_length + 1]``
-    of up to ``block_windows`` windows (views, not copies). Tokens after the last window are counted in
-    ``stats`` as ``tail tokens``.
+    so the input is ``w[:-1]`` and the target ``w[1:]``. Each item is a block ``[n, max_length + 1]`` of
+    up to ``block_windows`` windows (views, not copies): those the tokens held give, once they give 1 at a
+    stream's start (a quick first item), then 2, 4, ... up to ``block_windows``. Tokens after the last
+    window are counted in ``stats`` as ``tail tokens``.
 
     Args:
         max_length: tokens in each input (and target).
@@ -55,9 +56,12 @@ class SlidingWindow(Stage[np.ndarray]):
         self._cursor = Cursor(self.source, _ids)  # made at reset: a pipeline's copy reads another input
         self._cursor.reset(initial_state["cursor"] if initial_state is not None else None)
         self._windowed = initial_state is not None and initial_state["windowed"]  # a window was made
+        # windows to wait for before the next block: 1 (a quick first block), doubling to block_windows; in the
+        # state, so a restore replays a block as it was cut (a state without it is from before: block_windows)
+        self._want = 1 if initial_state is None else initial_state.get("want", self.block_windows)
 
     def get_state(self) -> dict[str, Any]:
-        return {"cursor": self._cursor.state(), "windowed": self._windowed}
+        return {"cursor": self._cursor.state(), "windowed": self._windowed, "want": self._want}
 
     def skip(self, n: int) -> None:
         """Pass the next ``n`` windows as ``next`` would give them, without making them (resharding
@@ -91,7 +95,9 @@ class SlidingWindow(Stage[np.ndarray]):
 
     def next(self) -> np.ndarray:
         span = self.max_length + 1
-        held = self._cursor.fill(span + self.stride * (self.block_windows - 1))
+        want = self._want
+        self._want = min(2 * want, self.block_windows)
+        held = self._cursor.fill(span + self.stride * (want - 1))
         if held < span:
             # tokens after the last window's target: the held ones, less those it covers (stride <
             # span), plus those the stride jumped over and the stream never reached (stride > span)

@@ -239,7 +239,9 @@ def test_a_restore_from_the_replay_points_is_caught_as_repeats(corpora, monkeypa
         monkeypatch.setattr(Batch, "consumed", lambda self, state: 0)
         pipe.load_state_dict(states, reshard=True)
 
-    report = verify_resume(arrow_config(corpora / "arrow", False), 3, (2, 2), (3, 1), restore=coarse)
+    # saved after 4 batches: inside a block of windows on every rank, so the replay repeats some (after 3, a
+    # rank's save can fall between two blocks now that the first blocks are small, and replay none)
+    report = verify_resume(arrow_config(corpora / "arrow", False), 4, (2, 2), (3, 1), restore=coarse)
     assert report["repeated"] and not report["lost"]
 
 

@@ -291,3 +291,22 @@ def test_resume_equals_uninterrupted_property(lengths, max_length, stride, batch
     resumed = Loader(make(), restart_on_stop_iteration=False)
     resumed.load_state_dict(state)
     assert_same(list(resumed), reference[k:])
+
+
+def test_the_first_block_does_not_wait_for_block_windows_and_blocks_grow_to_it():
+    """A stream's first block comes with the first item's tokens (a quick first batch), the wait doubles
+    from one window to ``block_windows``; a state from before ``want`` was saved restores full blocks."""
+    arrays = [np.arange(i * 10, i * 10 + 10, dtype=np.int32) for i in range(200)]  # 10 tokens: 2 windows each
+    node = SlidingWindow(id_items(arrays), max_length=3, stride=4, block_windows=16)
+    sizes = [len(block) for block in Loader(node)]
+    assert sizes[:6] == [2, 3, 5, 10, 16, 16] and max(sizes) == 16  # all the windows held once 1, 2, 4, 8... are
+    assert windows_of(SlidingWindow(id_items(arrays), max_length=3, stride=4, block_windows=16)) == [
+        (list(range(i, i + 3)), list(range(i + 1, i + 4))) for i in range(0, 2000 - 3, 4)
+    ]
+    node = SlidingWindow(id_items(arrays), max_length=3, stride=4, block_windows=16)
+    node.reset(None)
+    next(node)
+    state = {k: v for k, v in node.state_dict().items() if k != "want"}
+    again = SlidingWindow(id_items(arrays), max_length=3, stride=4, block_windows=16)
+    again.reset(state)
+    assert len(next(again)) == 16
