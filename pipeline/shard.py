@@ -227,8 +227,7 @@ class ShardedSource(Reader):
                 continue
             out = self.read_many(self.units[self._assigned[self._index][0]], self._position, budget, size)
             if out is None:
-                self.close_unit()
-                self._index, self._position = self._index + 1, None
+                self._next_unit()
                 continue
             more, self._position, used = out
             items += more
@@ -243,6 +242,10 @@ class ShardedSource(Reader):
             if out is not None:
                 item, self._position = out
                 return {**item, "windowed": windowed[0]} if first and windowed else item
-            self.close_unit()
-            self._index, self._position = self._index + 1, None
+            self._next_unit()
         raise StopIteration
+
+    def _next_unit(self) -> None:
+        """The unit in hand is done: close it and go on to the next assigned one, from its start."""
+        self.close_unit()
+        self._index, self._position = self._index + 1, None

@@ -204,10 +204,8 @@ class ReadArrow(ShardedSource, Stage[dict]):
             row += 1
         if row >= len(texts):
             return None
-        doc = {name: values[row] for name, values in meta.items()}
-        doc.update(text=texts[row], source=file.path, shard=unit[1], record=row)
         self.stats["documents"] += 1
-        return doc, row + 1
+        return self._document(file.path, unit[1], row), row + 1
 
     def read_many(self, unit: list[int], position: int, budget: int, size) -> tuple[list[dict], int, int] | None:
         """As ``read``, for many rows in one loop; a null text or a bad position goes to ``read``."""
@@ -216,15 +214,20 @@ class ReadArrow(ShardedSource, Stage[dict]):
         texts, meta = self._rows
         if not (isinstance(position, int) and 0 <= position < len(texts)) or texts[position] is None:
             return super().read_many(unit, position, budget, size)
-        path, shard, docs, total, row = self.files[unit[0]].path, unit[1], [], 0, position
+        path, docs, total, row = self.files[unit[0]].path, [], 0, position
         while row < len(texts) and texts[row] is not None and total < budget:
-            doc = {name: values[row] for name, values in meta.items()}
-            doc.update(text=texts[row], source=path, shard=shard, record=row)
-            docs.append(doc)
-            total += size(doc)
+            docs.append(self._document(path, unit[1], row))
+            total += size(docs[-1])
             row += 1
         self.stats["documents"] += len(docs)
         return docs, row, total
+
+    def _document(self, path: str, shard: int, row: int) -> dict:
+        """Row ``row`` of the loaded record batch as a document: its carried columns, text, file, shard, row."""
+        texts, meta = self._rows
+        doc = {name: values[row] for name, values in meta.items()}
+        doc.update(text=texts[row], source=path, shard=shard, record=row)
+        return doc
 
     def close_unit(self) -> None:
         self._rows = None
