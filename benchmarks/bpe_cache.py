@@ -1,9 +1,10 @@
 """Peak RSS of ``bpe_encode`` (gigatoken) on text made of never-repeating words: flat whatever the size.
 
-    python benchmarks/bpe_cache.py --sizes 100MB 1GB [--refresh-bytes N]
+    python benchmarks/bpe_cache.py --sizes 100MB 1GB [--cache-memory BYTES] [--refresh-bytes N]
 
-gigatoken caches every pre-token it meets and never evicts; ``bpe_encode`` builds it anew every
-``refresh_bytes`` of text. Each run is a fresh process that streams ``size`` characters of random
+gigatoken caches every pre-token it meets and never evicts; ``bpe_encode`` builds a tokenizer anew once
+the process's memory has grown by ``cache_memory`` since it was built (and every ``refresh_bytes`` of
+text, when given). Each run is a fresh process that streams ``size`` characters of random
 lowercase words (8 letters: 2e11 of them, so words practically never repeat), 1 MB a document,
 through ``BpeEncode(backend="gigatoken")`` and samples its RSS every 0.1 s. The large run's peak
 must be within 20% of the small run's.
@@ -35,7 +36,7 @@ def words(total: int, seed: int = 0):
         yield {"text": letters.tobytes().decode("ascii"), "source": "words", "record": i // DOC}
 
 
-def child(size: int, refresh_bytes: int) -> dict:
+def child(size: int, settings: dict) -> dict:
     import psutil
     from torchdata.nodes import IterableWrapper
 
@@ -49,12 +50,15 @@ def child(size: int, refresh_bytes: int) -> dict:
 
     threading.Thread(target=sample, daemon=True).start()
     start, tokens = time.perf_counter(), 0
-    node = BpeEncode(IterableWrapper(words(size)), backend="gigatoken", refresh_bytes=refresh_bytes)
+    node = BpeEncode(IterableWrapper(words(size)), backend="gigatoken", **settings)
+    builds, new = [0], node._fast._new
+    node._fast._new = lambda: builds.__setitem__(0, builds[0] + 1) or new()
     for item in node:
         tokens += len(item["ids"])
     seconds = time.perf_counter() - start
     done.set()
-    return {"size": size, "peak_rss_mb": max(peak[0], me.memory_info().rss) / 1e6, "seconds": seconds, "tokens": tokens}
+    peak_mb = max(peak[0], me.memory_info().rss) / 1e6
+    return {"size": size, "peak_rss_mb": peak_mb, "seconds": seconds, "tokens": tokens, "builds": builds[0]}
 
 
 def main() -> None:
@@ -62,31 +66,29 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=["100MB", "1GB"], help="the first is the reference")
-    ap.add_argument("--refresh-bytes", type=int, default=None, help="bpe_encode's refresh_bytes (default: its own)")
+    ap.add_argument("--cache-memory", type=int, help="bpe_encode's cache_memory (default: its own)")
+    ap.add_argument("--refresh-bytes", type=int, help="bpe_encode's refresh_bytes (default: none)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.refresh_bytes is None:
-        import inspect
-
-        from stages.bpe_encode import BpeEncode
-
-        args.refresh_bytes = inspect.signature(BpeEncode).parameters["refresh_bytes"].default
+    settings = {k: v for k, v in [("cache_memory", args.cache_memory), ("refresh_bytes", args.refresh_bytes)] if v}
     if args.child is not None:
-        print(json.dumps(child(args.child, args.refresh_bytes)))
+        print(json.dumps(child(args.child, settings)))
         return
     rows = []
     for size in map(parse_size, args.sizes):
-        cmd = [sys.executable, __file__, "--child", str(size), "--refresh-bytes", str(args.refresh_bytes)]
+        flags = [f"--{name.replace('_', '-')}={value}" for name, value in settings.items()]
+        cmd = [sys.executable, __file__, "--child", str(size), *flags]
         rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
         r = rows[-1]
         print(
             f"{r['size'] / 1e6:>8,.0f} MB  peak RSS {r['peak_rss_mb']:>7,.0f} MB  "
-            f"{r['size'] / r['seconds'] / 1e6:5.1f} MB/s  {r['tokens'] / r['seconds'] / 1e6:5.2f} M tokens/s",
+            f"{r['size'] / r['seconds'] / 1e6:5.1f} MB/s  {r['tokens'] / r['seconds'] / 1e6:5.2f} M tokens/s  "
+            f"{r['builds']} tokenizers built",
             flush=True,
         )
     ratio = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
     print(
-        f"refresh_bytes {args.refresh_bytes:,}: peak RSS ratio {ratio:.2f} (target <= 1.20): "
+        f"{settings or 'defaults'}: peak RSS ratio {ratio:.2f} (target <= 1.20): "
         f"{'ok' if ratio <= 1.2 else 'FAIL'}"
     )
 

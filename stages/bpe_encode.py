@@ -11,7 +11,7 @@ import numpy as np
 import tiktoken
 
 from pipeline.registry import register
-from pipeline.schema import FieldError, Positive
+from pipeline.schema import FieldError, Positive, check_field
 from pipeline.stage import Stage, StageError
 from stages.separators import Separators, concatenated, document_text, mix_tokens, split_joined
 from stages.encoding import (
@@ -65,8 +65,10 @@ class BpeEncode(Stage[dict]):
         batch_bytes: text encoded per call.
         backend: ``auto`` (gigatoken when it is installed and implements the encoding, else tiktoken
             with a notice), ``tiktoken`` or ``gigatoken``.
-        refresh_bytes: text a gigatoken tokenizer encodes before a new one replaces it: its cache of
-            pre-tokens grows with every new word (bounded memory on any corpus).
+        cache_memory: memory (bytes of RSS) a gigatoken tokenizer's calls may add before a new one
+            replaces it, as its cache of pre-tokens grows with every new word (bounded memory on any
+            corpus; on ordinary text the cache stops growing and stays warm). Per encode thread.
+        refresh_bytes: also replace a gigatoken tokenizer after this much text (none by default).
         tokenizer_file: a local Hugging Face ``tokenizer.json`` to encode with, instead of ``encoding``.
         blocks: give one item per call (all its documents' ids, with their starts: see
             ``stages.separators.document_ids``) instead of one per document; much less work downstream.
@@ -86,17 +88,21 @@ class BpeEncode(Stage[dict]):
         num_threads: Positive = 2,
         batch_bytes: Positive = 1 << 20,
         backend: str = "auto",
-        refresh_bytes: Positive = 1 << 25,
+        refresh_bytes: int | None = None,
+        cache_memory: Positive = 1 << 27,
         tokenizer_file: str | None = None,
         blocks: bool = False,
     ):
         super().__init__()
         self.source = source
         self.tokenizer_file = tokenizer_file
+        if refresh_bytes is not None:
+            check_field("refresh_bytes", Positive, refresh_bytes)
+        refresh = (refresh_bytes, cache_memory)
         if tokenizer_file is not None:
-            self._hf_init(encoding, allowed_special, backend, refresh_bytes)
+            self._hf_init(encoding, allowed_special, backend, refresh)
         else:
-            self._tiktoken_init(encoding or "gpt2", encoding_files, allowed_special, backend, refresh_bytes)
+            self._tiktoken_init(encoding or "gpt2", encoding_files, allowed_special, backend, refresh)
         self.eot = eot
         self._separators = Separators(self.eot_id, eot)
         self.num_threads = num_threads
@@ -105,7 +111,7 @@ class BpeEncode(Stage[dict]):
         self.block_rows = False  # not a config field: prepare's local engine asks blocks for their rows (Separators)
         self._pool: ThreadPoolExecutor | None = None
 
-    def _tiktoken_init(self, encoding: str, files, allowed_special, backend: str, refresh_bytes: int) -> None:
+    def _tiktoken_init(self, encoding: str, files, allowed_special, backend: str, refresh: tuple) -> None:
         # gigatoken over GPT-2's cached ranks needs no tiktoken Encoding (~0.15 s before the first item): that
         # one is built when a text needs it (special-token text, a long whitespace run) or to decode
         self.backend = choose_backend(backend, encoding) if encoding in PRETOKENIZERS else None
@@ -136,7 +142,7 @@ class BpeEncode(Stage[dict]):
         self.eot_id = specials[EOT_TEXT]
         if self.backend == "gigatoken":
             ranks = ranks or rank_file(self.encoding)
-            self._fast = TiktokenRanks(ranks, PRETOKENIZERS[encoding], refresh_bytes)
+            self._fast = TiktokenRanks(ranks, PRETOKENIZERS[encoding], *refresh)
         else:
             self._fast = None
 
@@ -147,7 +153,7 @@ class BpeEncode(Stage[dict]):
             self._encoding = load_encoding(self.encoding_name, self._encoding_files)
         return self._encoding
 
-    def _hf_init(self, encoding: str | None, allowed_special, backend: str, refresh_bytes: int) -> None:
+    def _hf_init(self, encoding: str | None, allowed_special, backend: str, refresh: tuple) -> None:
         where = f"tokenizer_file {self.tokenizer_file!r}"
         if encoding is not None:
             raise FieldError("encoding", f"give encoding or tokenizer_file, not both (encoding {encoding!r}, {where})")
@@ -166,7 +172,7 @@ class BpeEncode(Stage[dict]):
             raise FieldError("backend", f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.encoding_name, self._encoding, self.backend, self.ranks_sha256 = None, None, "gigatoken", None
         self.allowed_special, self._exact = set(), set()
-        self._fast = HfTokenizer(self.tokenizer_file, refresh_bytes)
+        self._fast = HfTokenizer(self.tokenizer_file, *refresh)
         self.eot_id, self.vocab_size = self._fast.eot_id, self._fast.vocab_size
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:

@@ -73,21 +73,42 @@ def _trim_heap() -> None:
         pass
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+CACHE_BYTES_PER_CHARACTER = 16  # gigatoken's cache on never-repeating words: 26 M characters took ~500 MB
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory (RSS) in bytes, or None where it cannot be read (no ``/proc``)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+_PROC = resident_bytes() is not None
+
+
 class FastBpe:
-    """gigatoken's BPE: tokenizers lent to encode calls from a pool of the process, each dropped after
-    ``refresh_bytes`` characters.
+    """gigatoken's BPE: tokenizers lent to encode calls from a pool of the process, each dropped once its
+    calls have grown the process's memory by ``cache_memory`` (or after ``refresh_bytes`` characters).
 
     A gigatoken tokenizer encodes on one thread at a time (it says "Already borrowed" otherwise), so a
     call borrows one and gives it back; building one costs ~0.1 s, so the pool is the process's: every
     stage with the same ranks (a validation loader, each ``create_dataloader_v1``) reuses them. Its
-    pre-token cache grows without bound (450 MB of never-repeating words took RSS to 3.6 GB), so a
-    tokenizer that has encoded ``refresh_bytes`` characters is dropped, not given back. A forked
-    DataLoader worker starts with an empty pool. Subclasses say how to build one (``_new``), under
-    which ``key``, and how to encode a group of texts.
+    pre-token cache grows with every new word and never forgets one (450 MB of never-repeating words took
+    RSS to 3.6 GB), so a tokenizer is dropped, not given back, once the resident memory (RSS) the process
+    gained during its calls adds up to ``cache_memory`` bytes (growth on other threads meanwhile counts
+    too: it errs towards dropping early). On ordinary text, whose words come back, the cache stops growing
+    and the tokenizer keeps its warm cache: a rebuild and its cold cache cost ~0.2 s of CPU, and rebuilding
+    every 32 MiB of text took a third of a 1 GB run's CPU. Where RSS cannot be read (no ``/proc``), a
+    tokenizer is dropped after ``cache_memory / CACHE_BYTES_PER_CHARACTER`` characters; ``refresh_bytes``,
+    when given, drops it after that many characters too. A forked DataLoader worker starts with an empty
+    pool. Subclasses say how to build one (``_new``), under which ``key``, and how to encode a group of texts.
     """
 
-    def __init__(self, refresh_bytes: int, key: tuple):
-        self.refresh_bytes, self.key = refresh_bytes, key
+    def __init__(self, refresh_bytes: int | None, key: tuple, cache_memory: int = 1 << 27):
+        self.refresh_bytes, self.key, self.cache_memory = refresh_bytes, key, cache_memory
 
     @contextlib.contextmanager
     def tokenizer(self, nbytes: int):
@@ -102,15 +123,27 @@ class FastBpe:
             if _DROPPED:  # the dropped one is gone by now (its last user has returned)
                 _DROPPED.clear()
                 _trim_heap()
-            lent = [self._new(), 0, here]
+            lent = [self._new(), 0, here, 0]  # [tokenizer, characters, thread, RSS its calls added]
         lent[2] = here
+        before = resident_bytes()
         yield lent[0]
+        after = resident_bytes()
         lent[1] += nbytes
+        if before is not None and after is not None:  # counts the other threads' growth too: errs on the safe side
+            lent[3] += max(after - before, 0)
         with _IDLE_LOCK:
-            if lent[1] < self.refresh_bytes:
+            if self._keeps(lent[1], lent[3]):
                 _IDLE.setdefault(self.key, []).append(lent)
             else:  # dropped with its cache
                 _DROPPED.append(True)
+
+    def _keeps(self, characters: int, grown: int) -> bool:
+        """Whether a tokenizer that has encoded ``characters``, during whose calls RSS grew by ``grown``, is kept."""
+        if self.refresh_bytes is not None and characters >= self.refresh_bytes:
+            return False
+        if _PROC:
+            return grown < self.cache_memory
+        return characters < self.cache_memory // CACHE_BYTES_PER_CHARACTER
 
     def encode(self, texts: list[str], batch: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """The texts' ids (``int32``) one after another, as if encoded one by one, and how many are each
@@ -148,11 +181,11 @@ class TiktokenRanks(FastBpe):
     Args:
         ranks: the encoding's ranks as a ``.tiktoken`` file (see ``rank_file``), specials left out.
         pretokenizer: gigatoken's name for the encoding's split pattern (see ``PRETOKENIZERS``).
-        refresh_bytes: characters of text encoded between two builds of the tokenizer.
+        refresh_bytes, cache_memory: when a tokenizer is replaced (see ``FastBpe``).
     """
 
-    def __init__(self, ranks: bytes, pretokenizer: str, refresh_bytes: int):
-        super().__init__(refresh_bytes, (pretokenizer, hashlib.sha256(ranks).digest()))
+    def __init__(self, ranks: bytes, pretokenizer: str, refresh_bytes: int | None = None, cache_memory: int = 1 << 27):
+        super().__init__(refresh_bytes, (pretokenizer, hashlib.sha256(ranks).digest()), cache_memory)
         self._rank_file, self.pretokenizer = ranks, pretokenizer
 
     def _new(self):
@@ -175,12 +208,12 @@ class HfTokenizer(FastBpe):
 
     Args:
         path: the ``tokenizer.json`` file.
-        refresh_bytes: characters of text encoded between two builds of the tokenizer.
+        refresh_bytes, cache_memory: when a tokenizer is replaced (see ``FastBpe``).
     """
 
     SEPARATORS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>", "<eos>")
 
-    def __init__(self, path: str, refresh_bytes: int):
+    def __init__(self, path: str, refresh_bytes: int | None = None, cache_memory: int = 1 << 27):
         if not os.path.isfile(path):
             raise MissingFileError("tokenizer_file", f"tokenizer_file {path!r} does not exist")
         with open(path, encoding="utf-8") as f:
@@ -197,7 +230,7 @@ class HfTokenizer(FastBpe):
         self.path, self.separator, self.eot_id = path, separator, specials[separator]
         self.vocab_size = max([*config["model"]["vocab"].values(), *(t["id"] for t in added)]) + 1
         self._plain = json.dumps({**config, "added_tokens": [t for t in added if not t.get("special")]})
-        super().__init__(refresh_bytes, ("tokenizer.json", hashlib.sha256(self._plain.encode()).digest()))
+        super().__init__(refresh_bytes, ("tokenizer.json", hashlib.sha256(self._plain.encode()).digest()), cache_memory)
         self._decoder = None
 
     def __getstate__(self) -> dict:

@@ -431,6 +431,64 @@ def test_gigatoken_is_built_anew_every_refresh_bytes():
     assert size // 1000 < len(builds) <= 2 * (size // 500 + 2)  # per thread, one per ~500 characters
 
 
+class FakeRss:
+    """``resident_bytes`` for a test: grows by ``per_read`` bytes at every read (half a call's growth, as a call
+    reads it before and after)."""
+
+    def __init__(self, per_read: int):
+        self.per_read, self.value = per_read, 1 << 30
+
+    def __call__(self) -> int:
+        self.value += self.per_read
+        return self.value
+
+
+def counted_builds(node: BpeEncode) -> list:
+    builds, new = [], node._fast._new
+    node._fast._new = lambda: builds.append(1) or new()
+    return builds
+
+
+@pytest.mark.skipif("gigatoken" not in BACKENDS, reason="gigatoken is not installed or is disabled")
+def test_gigatoken_is_built_anew_once_its_calls_grew_memory_by_cache_memory(monkeypatch):
+    monkeypatch.setattr(fast_bpe, "_IDLE", {})
+    monkeypatch.setattr(fast_bpe, "_PROC", True)
+    monkeypatch.setattr(fast_bpe, "resident_bytes", FakeRss(per_read=5))  # +5 a call (read before and after)
+    texts = random_texts(300, seed=11)
+    node = BpeEncode(documents(texts), backend="gigatoken", batch_bytes=100, num_threads=1, cache_memory=20)
+    builds = counted_builds(node)
+    assert flat(list(Loader(node))) == book_stream(texts, ENC.encode_ordinary)
+    calls = fast_bpe.resident_bytes.value - (1 << 30)
+    calls //= 10
+    assert len(builds) == -(-calls // 4)  # a tokenizer serves 4 calls: 4 * 5 >= 20
+
+
+@pytest.mark.skipif("gigatoken" not in BACKENDS, reason="gigatoken is not installed or is disabled")
+def test_gigatoken_keeps_its_warm_cache_while_memory_does_not_grow(monkeypatch):
+    monkeypatch.setattr(fast_bpe, "_IDLE", {})
+    monkeypatch.setattr(fast_bpe, "_PROC", True)
+    monkeypatch.setattr(fast_bpe, "resident_bytes", FakeRss(per_read=0))
+    texts = random_texts(300, seed=12)
+    node = BpeEncode(documents(texts), backend="gigatoken", batch_bytes=100, num_threads=1, cache_memory=20)
+    builds = counted_builds(node)
+    assert flat(list(Loader(node))) == book_stream(texts, ENC.encode_ordinary)
+    assert len(builds) == 1  # the old rule (a new one every 32 MiB of text) cost a third of a 1 GB run's CPU
+
+
+@pytest.mark.skipif("gigatoken" not in BACKENDS, reason="gigatoken is not installed or is disabled")
+def test_without_proc_gigatoken_is_built_anew_after_cache_memory_over_bytes_per_character(monkeypatch):
+    monkeypatch.setattr(fast_bpe, "_IDLE", {})
+    monkeypatch.setattr(fast_bpe, "_PROC", False)
+    monkeypatch.setattr(fast_bpe, "resident_bytes", lambda: None)
+    texts = random_texts(300, seed=13)
+    memory = 400 * fast_bpe.CACHE_BYTES_PER_CHARACTER  # a new tokenizer every 400 characters
+    node = BpeEncode(documents(texts), backend="gigatoken", batch_bytes=100, num_threads=1, cache_memory=memory)
+    builds = counted_builds(node)
+    assert flat(list(Loader(node))) == book_stream(texts, ENC.encode_ordinary)
+    size = sum(map(len, texts))
+    assert size // 600 < len(builds) <= size // 400 + 1
+
+
 @pytest.mark.skipif("gigatoken" not in BACKENDS, reason="gigatoken is not installed or is disabled")
 def test_the_heap_is_trimmed_before_a_tokenizer_replaces_a_dropped_one(monkeypatch):
     events = []
