@@ -13,7 +13,15 @@ import tiktoken
 from pipeline.registry import register
 from pipeline.schema import FieldError, Positive, check_field
 from pipeline.stage import Stage, StageError
-from stages.separators import Separators, concatenated, document_text, mix_tokens, split_joined
+from stages.separators import (
+    Separators,
+    concatenated,
+    document_text,
+    mix_tokens,
+    separated,
+    split_joined,
+    whole,
+)
 from stages.encoding import (
     EOT_TEXT,
     R50K_N_VOCAB,
@@ -200,7 +208,7 @@ class BpeEncode(Stage[dict]):
     def next(self) -> dict:
         if self.blocks:  # the whole call: the state stays "before its first document"
             call, ids, lengths = self._take_call()
-            return self._separators.block(call.docs, ids, lengths, self.stats, self.block_rows)
+            return self._separators.block(call.docs, ids, lengths, self.stats, self.block_rows, call.heads)
         if not self._pending:
             call, ids, lengths = self._take_call()
             ends = np.cumsum(lengths).tolist()
@@ -249,42 +257,50 @@ class BpeEncode(Stage[dict]):
         # gigatoken's batch encode (GIL-free, needs awkward: see FastBpe.encode) but for the stream's first call and
         # among several worker processes, which use the cores already and would each import awkward (~0.25 s)
         batch = not first and self.context.num_workers == 1
-        self._calls.append(_Call(states, docs, self._submit([d["text"] for d in docs], batch) if docs else []))
+        heads = self.blocks and self.eot and whole(docs)  # the threads put the separators in (see Separators.block)
+        futures = self._submit([d["text"] for d in docs], batch, heads) if docs else []
+        self._calls.append(_Call(states, docs, futures, heads=heads))
 
-    def _submit(self, texts: list[str], batch: bool) -> list[Future]:
+    def _submit(self, texts: list[str], batch: bool, heads: bool) -> list[Future]:
         """Hand the texts to the encode threads: a future per group, whose results joined are each text's ids
-        (gigatoken encodes with ``batch``, see ``FastBpe.encode``)."""
+        (gigatoken encodes with ``batch``, see ``FastBpe.encode``), with ``heads`` each after a separator."""
         if self._pool is None or self._pool_pid != os.getpid():  # a pool's threads do not survive a fork
             self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix=f"encode-{self.name}")
             self._pool_pid = os.getpid()
-        # Join texts into about batch_bytes per call, separated by <|endoftext|> and split back at
-        # its id; a text holding that literal string is a call of its own, so the split stays exact.
-        groups: list[list[int]] = [[]]
-        size = 0
-        whole = "".join(texts)  # one scan finds that no text needs a call of its own (almost always)
-        plain = not self._has_special(whole) and not has_long_run(whole)
-        for i, text in enumerate(texts):
-            alone = not plain and (self._has_special(text) or has_long_run(text))
-            if groups[-1] and (alone or size + len(text) > self.batch_bytes):
-                groups.append([])
-                size = 0
-            groups[-1].append(i)
-            size += len(text)
-            if alone:
-                groups.append([])
-                size = 0
+        # Texts go in groups of about batch_bytes (tiktoken joins a group's texts by <|endoftext|> and splits the
+        # ids back at its id); a text holding that literal string, or a whitespace run too long for tiktoken, is a
+        # group of its own, encoded by tiktoken whatever the backend (see _by_tiktoken).
+        joined = "".join(texts)  # one scan finds that no text needs a group of its own (almost always)
+        if not self._has_special(joined) and not has_long_run(joined):
+            lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+            cuts = np.flatnonzero(np.diff((np.cumsum(lengths) - lengths) // self.batch_bytes)) + 1
+            bounds = [0, *cuts.tolist(), len(texts)]
+        else:
+            bounds, size = [0], 0
+            for i, text in enumerate(texts):
+                alone = self._has_special(text) or has_long_run(text)
+                if i > bounds[-1] and (alone or size + len(text) > self.batch_bytes):
+                    bounds.append(i)
+                    size = 0
+                size += len(text)
+                if alone:
+                    bounds.append(i + 1)
+                    size = 0
+            bounds.append(len(texts))
 
-        def encode_group(group: list[int]) -> tuple[np.ndarray, np.ndarray]:
-            if len(group) == 1 and (self._fast is None or self._by_tiktoken(texts[group[0]])):
-                return concatenated([self._encode_one(texts[group[0]])])
+        def encode_group(group: list[str]) -> tuple[np.ndarray, np.ndarray]:
+            ids, lengths = encode_texts(group)
+            return separated(ids, lengths, self.eot_id) if heads else (ids, lengths)
+
+        def encode_texts(group: list[str]) -> tuple[np.ndarray, np.ndarray]:
+            if len(group) == 1 and (self._fast is None or self._by_tiktoken(group[0])):
+                return concatenated([self._encode_one(group[0])])
             if self._fast is not None:
-                return self._fast.encode([texts[i] for i in group], batch=batch)
-            joined = self.encoding.encode_to_numpy(
-                EOT_TEXT.join(texts[i] for i in group), allowed_special={EOT_TEXT}, disallowed_special=()
-            )
-            return split_joined(joined, self.eot_id)
+                return self._fast.encode(group, batch=batch)
+            ids = self.encoding.encode_to_numpy(EOT_TEXT.join(group), allowed_special={EOT_TEXT}, disallowed_special=())
+            return split_joined(ids, self.eot_id)
 
-        return [self._pool.submit(encode_group, g) for g in groups if g]
+        return [self._pool.submit(encode_group, texts[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
 
     def _failed(self, docs: list[dict], error: Exception) -> Exception:
         """The stage's error for a failed encode of ``docs``, or ``error`` itself when it is not ours to explain."""
@@ -345,8 +361,10 @@ class _Call:
     """Documents handed to the encode threads together: the source's state before each (before the
     first only, for blocks), the documents, the futures of their groups, or the error reading them."""
 
-    def __init__(self, states: list[dict], docs: list[dict], futures: list[Future], error: Exception | None = None):
-        self.states, self.docs, self.futures, self.error = states, docs, futures, error
+    def __init__(
+        self, states: list[dict], docs: list[dict], futures: list[Future], error: Exception | None = None, heads=False
+    ):
+        self.states, self.docs, self.futures, self.error, self.heads = states, docs, futures, error, heads
 
     def result(self, stage: BpeEncode) -> tuple[np.ndarray, np.ndarray]:
         """The documents' ids one after another and how many are each one's, waiting for the threads; the

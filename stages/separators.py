@@ -58,6 +58,19 @@ def concatenated(pieces: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return (np.concatenate(pieces) if pieces else np.zeros(0, np.int32)).astype(np.int32, copy=False), lengths
 
 
+def separated(ids: np.ndarray, lengths: np.ndarray, eot_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Texts' ids in ``split_joined``'s form with ``eot_id`` put before each text's: (ids, lengths + 1).
+    numpy lets go of the GIL for most of it: an encode thread does it, beside the pipeline's thread."""
+    lengths = lengths + 1
+    out = np.empty(len(ids) + len(lengths), dtype=np.int32)
+    heads = np.cumsum(lengths) - lengths
+    keep = np.ones(len(out), dtype=bool)
+    keep[heads] = False
+    out[heads] = eot_id
+    out[keep] = ids
+    return out, lengths
+
+
 def mix_tokens(stats: Counter) -> dict[str, float]:
     """An encoder's metrics: ``<input>/tokens`` and ``<input>/token_share`` for each input of a mix upstream."""
     counts = {key[len("tokens_from_") :]: n for key, n in stats.items() if key.startswith("tokens_from_")}
@@ -65,6 +78,11 @@ def mix_tokens(stats: Counter) -> dict[str, float]:
     out = {f"{name}/tokens": n for name, n in counts.items()}
     out.update({f"{name}/token_share": n / total for name, n in counts.items()})
     return out
+
+
+def whole(docs: list[dict]) -> bool:
+    """Whether the documents are whole ones (records), not pieces of files: each starts a document."""
+    return not any("offset" in doc or "windowed" in doc for doc in docs)
 
 
 class Separators:
@@ -112,26 +130,42 @@ class Separators:
         }
 
     def block(
-        self, docs: list[dict], ids: np.ndarray, lengths: np.ndarray, stats: Counter, rows: bool = False
+        self,
+        docs: list[dict],
+        ids: np.ndarray,
+        lengths: np.ndarray,
+        stats: Counter,
+        rows: bool = False,
+        heads: bool = False,
     ) -> dict[str, Any]:
         """One item for many documents, whose ids are ``ids`` one after another (``lengths`` each, as
         ``split_joined`` gives them): their ids with separators between, and where each starts; with
         ``rows``, also ``rows`` (where the ids ``item`` would give for each document begin, its separator
         first, and where the last ends: ``len(docs) + 1`` offsets) and ``sources`` (each document's
-        ``source``), so that ``prepare`` writes a row per document without a dict each."""
-        if any("offset" in doc or "windowed" in doc for doc in docs):  # pieces of files: ask each
+        ``source``), so that ``prepare`` writes a row per document without a dict each. With ``heads`` (only
+        for whole documents, see ``whole``, and separators on) ``ids`` has the separator before each document
+        already, as ``separated`` gives them."""
+        if not heads and not whole(docs):  # pieces of files: ask each
             flags = np.array([self._start(doc) for doc in docs], dtype=bool).reshape(-1, 2)  # (starts, separated)
             begins, separated = flags[:, 0], flags[:, 1]
         else:  # whole documents (records): each starts one, after a separator but at the stream's start
             begins, separated = np.ones(len(docs), dtype=bool), np.full(len(docs), self.enabled)
             separated[0] &= self._start(docs[0])[1]
             self.previous = [docs[-1].get("source"), docs[-1].get("end", -1)]
+        if heads:  # a separator before every document already: the stream's first loses it
+            if not separated[0]:
+                ids, lengths = ids[1:], lengths.copy()
+                lengths[0] -= 1
+            return self._finish(docs, ids, lengths, begins, separated, stats, rows)
         if any("windowed" in doc for doc in docs):  # pieces continued after a reshard lose their windowed tokens
             ends = np.cumsum(lengths).tolist()
             pieces = [ids[end - n + doc.get("windowed", 0) : end] for doc, n, end in zip(docs, lengths.tolist(), ends)]
             ids, lengths = concatenated(pieces)
         joined = np.insert(ids, (np.cumsum(lengths) - lengths)[separated], self.eot_id)  # before those documents
-        lengths = lengths + separated
+        return self._finish(docs, joined, lengths + separated, begins, separated, stats, rows)
+
+    def _finish(self, docs, joined, lengths, begins, separated, stats: Counter, rows: bool) -> dict[str, Any]:
+        """``block``'s item from the documents' ids with their separators (``lengths`` each)."""
         starts = (np.cumsum(lengths) - lengths + separated)[begins]  # after each document's separator
         if any("mix" in doc for doc in docs):  # drawn by a mix stage: tokens per input, for metrics
             for doc, n in zip(docs, lengths.tolist()):

@@ -562,6 +562,18 @@ def test_blocks_hold_the_same_stream_with_document_starts(backend, eot):
     assert starts_of(blocks) == starts_of(per_document) == expected
 
 
+def test_blocks_with_special_token_text_hold_the_per_document_stream(backend):
+    """A text holding ``<|endoftext|>`` is a group of its own, encoded by tiktoken as plain text: its block
+    still gets the separators the encode threads put in."""
+    texts = random_texts(200, seed=14)
+    texts[0] = EOT_TEXT + texts[0]
+    texts[77] = texts[77] + EOT_TEXT + " tail"
+    per_document = encode_all(texts, batch_bytes=300, backend=backend)
+    blocks = encode_all(texts, batch_bytes=300, backend=backend, blocks=True)
+    assert flat(blocks) == flat(per_document) == book_stream(texts, ENC.encode_ordinary)
+    assert starts_of(blocks) == starts_of(per_document)
+
+
 def test_pieces_of_one_file_start_one_document(shakespeare_path, backend):
     reader = lambda: ReadText([str(shakespeare_path)], chunk_bytes=4096)  # noqa: E731
     for blocks in (False, True):
