@@ -8,6 +8,10 @@ order) and the table shows medians with the ratios to raw gigatoken and to ``dat
 - tiktoken: the documents joined into ~1 MB chunks, ``encode_ordinary_batch(chunks, num_threads=2)``.
 - gigatoken: the documents as they are, ``Tokenizer.encode_batch`` on all cores, built from GPT-2's ranks.
   (both raw rows read the texts into memory first, untimed)
+- hand loop: what a Python loop gets from the same encoder on 2 threads, with nothing else: each Arrow
+  record batch's texts (``to_pylist``) in ~1 MB groups, ``encode_batch(parallel=False)`` on 2 threads one
+  group ahead, ``<|endoftext|>`` between documents, [8, 256] int64 ``inputs``/``targets`` cut from the stream
+  (no state, no resume, no shards, no checks): a ceiling for any Python consumer of these cores.
 - pipeline, N workers: ``read_arrow -> bpe_encode(blocks=True) -> sliding_window(256, 256) -> batch(8)``, from
   ``Pipeline(...)`` to the last batch; ``+ embed 768`` adds the embed stage (d_model 768, CPU, no grad), with
   torch on one thread: its default, a spinning OpenMP thread per core, fights the encode threads for the
@@ -36,10 +40,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "data"), str(ROOT / "benchmarks")]
 from throughput import CHUNK, DEFAULT_SOURCE, OUT, arrow_corpus, read_texts  # noqa: E402
 
 B, L = 8, 256
-ROWS = ["tiktoken", "gigatoken", "pipeline-0", "pipeline-2", "embed-0", "embed-2", "prepare", "datasets"]
+ROWS = ["tiktoken", "gigatoken", "loop", "pipeline-0", "pipeline-2", "embed-0", "embed-2", "prepare", "datasets"]
 LABELS = {
     "tiktoken": "raw tiktoken, 2 threads, 1 MB chunks",
     "gigatoken": "raw gigatoken, all cores",
+    "loop": "hand loop: 2 encode threads to batches",
     "pipeline-0": "pipeline to batch, 0 workers",
     "pipeline-2": "pipeline to batch, 2 workers",
     "embed-0": "pipeline to embed 768, 0 workers",
@@ -78,6 +83,58 @@ def raw_gigatoken(corpus: Path) -> tuple[int, float]:
     out = tok.encode_batch(texts)
     seconds = time.perf_counter() - start
     return int(ak.sum(ak.num(out, axis=1))), seconds
+
+
+def hand_loop(corpus: Path) -> tuple[int, float]:
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    from itertools import chain
+
+    import awkward as ak  # as for the raw row: imported before the clock
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+    import torch
+
+    from stages.encoding import cached_rank_file
+    from stages.fast_bpe import TiktokenRanks
+    from stages.separators import separated
+    from throughput import corpus_files
+
+    ranks = TiktokenRanks(cached_rank_file("gpt2"), "gpt2")
+    start = time.perf_counter()
+    tokenizers, pool = [ranks._new(), ranks._new()], ThreadPoolExecutor(2)
+
+    def encode(i: int, texts: list[str]) -> np.ndarray:
+        out = tokenizers[i].encode_batch(texts, parallel=False)
+        counts = ak.to_numpy(ak.num(out, axis=1))
+        return separated(ak.to_numpy(ak.flatten(out, axis=1)).view(np.int32), counts, 50256)[0]
+
+    def groups():
+        for path in corpus_files(corpus):
+            reader = ipc.open_file(pa.memory_map(str(path)))
+            for b in range(reader.num_record_batches):
+                texts = reader.get_batch(b).column("text").to_pylist()
+                step = max(1, len(texts) * (1 << 20) // max(1, sum(map(len, texts))))
+                yield from (texts[i : i + step] for i in range(0, len(texts), step))
+
+    def batches(ids: np.ndarray):
+        """The batches the ids hold (a window's last token is the next one's first)."""
+        for i in range(0, (len(ids) - 1) // (B * L) * B * L, B * L):
+            yield {
+                "inputs": torch.from_numpy(ids[i : i + B * L].astype(np.int64).reshape(B, L)),
+                "targets": torch.from_numpy(ids[i + 1 : i + 1 + B * L].astype(np.int64).reshape(B, L)),
+            }
+
+    tokens, held, futures = 0, np.zeros(0, np.int32), deque()
+    for k, texts in enumerate(chain(groups(), [None])):
+        if texts is not None:
+            futures.append(pool.submit(encode, k % 2, texts))
+        while len(futures) > 2 or (texts is None and futures):  # two groups encode while this thread batches
+            held = np.concatenate([held, futures.popleft().result()])
+            used = sum(batch["inputs"].numel() for batch in batches(held))
+            tokens, held = tokens + used, held[used:]
+    return tokens, time.perf_counter() - start
 
 
 def pipeline(corpus: Path, workers: int, embed: bool) -> tuple[int, float]:
@@ -135,6 +192,8 @@ def child(row: str, corpus: Path) -> dict:
         tokens, seconds = raw_tiktoken(corpus)
     elif row == "gigatoken":
         tokens, seconds = raw_gigatoken(corpus)
+    elif row == "loop":
+        tokens, seconds = hand_loop(corpus)
     elif row == "datasets":
         tokens, seconds = hf_datasets(corpus)
     elif row == "prepare":
