@@ -8,6 +8,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import tiktoken
 
 from pipeline.registry import register
@@ -40,6 +41,7 @@ from stages.fast_bpe import (
     rank_file,
 )
 from stages.runs import GPT2_PATTERN, MAX_RUN, UncuttableRun, cut_long_runs, has_long_run
+from stages.text_rows import TextRows, offsets, text_data
 
 FIRST_CALL_BYTES = 1 << 16  # text in the first encode call (a quick first item); each next call takes twice as much
 
@@ -239,7 +241,8 @@ class BpeEncode(Stage[dict]):
         try:
             if self.blocks and isinstance(self.source, Stage):  # a block's state is the one before its first document
                 states.append(self.source.state_dict())
-                docs = self.source.next_many(goal, lambda doc: len(document_text(self, doc)))
+                rows = self.source.read_rows(goal) if hasattr(self.source, "read_rows") else None  # read_arrow's
+                docs = rows or self.source.next_many(goal, lambda doc: len(document_text(self, doc)))
             else:  # one at a time, with the state before each (a block: before the first)
                 while size < goal:
                     if not self.blocks or not states:
@@ -257,24 +260,63 @@ class BpeEncode(Stage[dict]):
         # gigatoken's batch encode (GIL-free, needs awkward: see FastBpe.encode) but for the stream's first call and
         # among several worker processes, which use the cores already and would each import awkward (~0.25 s)
         batch = not first and self.context.num_workers == 1
-        heads = self.blocks and self.eot and whole(docs)  # the threads put the separators in (see Separators.block)
-        futures = self._submit([d["text"] for d in docs], batch, heads) if docs else []
+        rows = isinstance(docs, TextRows)
+        heads = self.blocks and self.eot and (rows or whole(docs))  # the threads put the separators in
+        if not docs:
+            futures = []
+        elif rows and batch and self._fast is not None:
+            futures = self._submit_arrays(docs, heads)
+        else:
+            futures = self._submit(docs.texts() if rows else [d["text"] for d in docs], batch, heads)
         self._calls.append(_Call(states, docs, futures, heads=heads))
+
+    def _submit_arrays(self, rows: TextRows, heads: bool) -> list[Future]:
+        """``_submit`` for rows whose texts are Arrow arrays: gigatoken encodes them from Arrow's buffers, in
+        groups of about ``batch_bytes``; where a text needs a group of its own, as ``_submit`` does."""
+        for texts in rows.arrays:
+            long = np.diff(offsets(texts)) > MAX_RUN  # in bytes, at least as many as characters
+            data = text_data(texts) if self._exact else b""
+            special = any(s.encode() in data for s in self._exact)
+            if special or (long.any() and any(map(has_long_run, texts.filter(pa.array(long)).to_pylist()))):
+                return self._submit(rows.texts(), True, heads)
+        groups = []
+        for texts in rows.arrays:
+            ends = offsets(texts)
+            bounds = _group_bounds(ends[:-1] - ends[0], self.batch_bytes)
+            groups += [texts.slice(a, b - a) for a, b in zip(bounds, bounds[1:])]
+        return [self._encode_pool().submit(self._encode_group, group, True, heads) for group in groups]
+
+    def _encode_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None or self._pool_pid != os.getpid():  # a pool's threads do not survive a fork
+            self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix=f"encode-{self.name}")
+            self._pool_pid = os.getpid()
+        return self._pool
+
+    def _encode_group(self, group: list[str] | pa.Array, batch: bool, heads: bool) -> tuple[np.ndarray, np.ndarray]:
+        """A group's ids and how many are each text's (see ``_submit``), each after a separator with ``heads``."""
+        ids, lengths = self._encode_texts(group, batch)
+        return separated(ids, lengths, self.eot_id) if heads else (ids, lengths)
+
+    def _encode_texts(self, group: list[str] | pa.Array, batch: bool) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(group, pa.Array):
+            return self._fast.encode(group)
+        if len(group) == 1 and (self._fast is None or self._by_tiktoken(group[0])):
+            return concatenated([self._encode_one(group[0])])
+        if self._fast is not None:
+            return self._fast.encode(group, batch=batch)
+        ids = self.encoding.encode_to_numpy(EOT_TEXT.join(group), allowed_special={EOT_TEXT}, disallowed_special=())
+        return split_joined(ids, self.eot_id)
 
     def _submit(self, texts: list[str], batch: bool, heads: bool) -> list[Future]:
         """Hand the texts to the encode threads: a future per group, whose results joined are each text's ids
         (gigatoken encodes with ``batch``, see ``FastBpe.encode``), with ``heads`` each after a separator."""
-        if self._pool is None or self._pool_pid != os.getpid():  # a pool's threads do not survive a fork
-            self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix=f"encode-{self.name}")
-            self._pool_pid = os.getpid()
         # Texts go in groups of about batch_bytes (tiktoken joins a group's texts by <|endoftext|> and splits the
         # ids back at its id); a text holding that literal string, or a whitespace run too long for tiktoken, is a
         # group of its own, encoded by tiktoken whatever the backend (see _by_tiktoken).
         joined = "".join(texts)  # one scan finds that no text needs a group of its own (almost always)
         if not self._has_special(joined) and not has_long_run(joined):
             lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
-            cuts = np.flatnonzero(np.diff((np.cumsum(lengths) - lengths) // self.batch_bytes)) + 1
-            bounds = [0, *cuts.tolist(), len(texts)]
+            bounds = _group_bounds(np.cumsum(lengths) - lengths, self.batch_bytes)
         else:
             bounds, size = [0], 0
             for i, text in enumerate(texts):
@@ -288,19 +330,8 @@ class BpeEncode(Stage[dict]):
                     size = 0
             bounds.append(len(texts))
 
-        def encode_group(group: list[str]) -> tuple[np.ndarray, np.ndarray]:
-            ids, lengths = encode_texts(group)
-            return separated(ids, lengths, self.eot_id) if heads else (ids, lengths)
-
-        def encode_texts(group: list[str]) -> tuple[np.ndarray, np.ndarray]:
-            if len(group) == 1 and (self._fast is None or self._by_tiktoken(group[0])):
-                return concatenated([self._encode_one(group[0])])
-            if self._fast is not None:
-                return self._fast.encode(group, batch=batch)
-            ids = self.encoding.encode_to_numpy(EOT_TEXT.join(group), allowed_special={EOT_TEXT}, disallowed_special=())
-            return split_joined(ids, self.eot_id)
-
-        return [self._pool.submit(encode_group, texts[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
+        groups = [texts[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+        return [self._encode_pool().submit(self._encode_group, group, batch, heads) for group in groups]
 
     def _failed(self, docs: list[dict], error: Exception) -> Exception:
         """The stage's error for a failed encode of ``docs``, or ``error`` itself when it is not ours to explain."""
@@ -385,6 +416,13 @@ class _Call:
     def cancel(self) -> None:
         for future in self.futures:
             future.cancel()
+
+
+def _group_bounds(starts: np.ndarray, size: int) -> list[int]:
+    """Where groups of about ``size`` begin among texts beginning at ``starts`` (in characters or bytes),
+    and where the last ends: a text goes with those whose start falls in the same ``size`` of the stream."""
+    cuts = np.flatnonzero(np.diff(starts // size)) + 1
+    return [0, *cuts.tolist(), len(starts)]
 
 
 def _utf8_error(text: str) -> UnicodeEncodeError | None:

@@ -14,10 +14,12 @@ import threading
 import warnings
 
 import numpy as np
+import pyarrow as pa
 import tiktoken
 
 from pipeline.schema import FieldError, MissingFileError
 from stages.separators import concatenated
+from stages.text_rows import awkward_strings, text_bytes
 
 BACKENDS = ("auto", "tiktoken", "gigatoken")
 DISABLE_ENV = "TEXTPIPE_GIGATOKEN"  # set to 0: behave as if gigatoken were not installed (tests, CI)
@@ -145,7 +147,7 @@ class FastBpe:
             return grown < self.cache_memory
         return characters < self.cache_memory // CACHE_BYTES_PER_CHARACTER
 
-    def encode(self, texts: list[str], batch: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, texts: list[str] | pa.Array, batch: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """The texts' ids (``int32``) one after another, as if encoded one by one, and how many are each
         text's.
 
@@ -155,10 +157,11 @@ class FastBpe:
         holds the GIL (2 threads no faster than 1) but needs no awkward: ``encode_batch`` gives its ids as an
         awkward array, and importing awkward (~0.25 s) would delay a stream's first item.
         """
-        with self.tokenizer(sum(map(len, texts))) as tokenizer:
+        arrow = isinstance(texts, pa.Array)  # a string array (no nulls): encoded from its own buffers
+        with self.tokenizer(text_bytes(texts) if arrow else sum(map(len, texts))) as tokenizer:
             if not batch:
                 return concatenated([tokenizer.encode(text) for text in texts])
-            ids = tokenizer.encode_batch(texts, parallel=False)
+            ids = tokenizer.encode_batch(awkward_strings(texts) if arrow else texts, parallel=False)
         import awkward as ak  # imported by encode_batch
 
         counts = ak.to_numpy(ak.num(ids, axis=1)).astype(np.int64)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
@@ -14,6 +16,7 @@ from pipeline.shard import ShardedSource
 from pipeline.stage import Stage
 from pipeline.storage import expand_paths, is_dir, is_remote, load_text, open_input, size, version
 from stages.fields import Carried
+from stages.text_rows import TextRows, offsets, text_bytes
 
 ARROW_SUFFIXES = (".arrow", ".ipc", ".feather", ".arrows")
 NULL_POLICIES = ("error", "skip")
@@ -179,7 +182,7 @@ class ReadArrow(ShardedSource, Stage[dict]):
         self.column, self.columns, self.on_null = column, columns, on_null
         self.init_shards(rank, world_size, shuffle, seed)
         self.units = [[i, j] for i, f in enumerate(self.files) for j in range(f.n_units)]
-        self._rows = None
+        self._rows = self._batch = self._text_array = None
 
     def paths(self) -> list[str]:
         return [f.path for f in self.files]
@@ -187,7 +190,7 @@ class ReadArrow(ShardedSource, Stage[dict]):
     def read(self, unit: list[int], position: int | None) -> tuple[dict, int] | None:
         file = self.files[unit[0]]
         if self._rows is None:
-            self._load(file, unit[1])
+            self._as_lists(file, unit[1])
         row = position or 0
         texts, meta = self._rows
         if not 0 <= row <= len(texts):
@@ -210,7 +213,7 @@ class ReadArrow(ShardedSource, Stage[dict]):
     def read_many(self, unit: list[int], position: int, budget: int, size) -> tuple[list[dict], int, int] | None:
         """As ``read``, for many rows in one loop; a null text or a bad position goes to ``read``."""
         if self._rows is None:
-            self._load(self.files[unit[0]], unit[1])
+            self._as_lists(self.files[unit[0]], unit[1])
         texts, meta = self._rows
         if not (isinstance(position, int) and 0 <= position < len(texts)) or texts[position] is None:
             return super().read_many(unit, position, budget, size)
@@ -229,14 +232,67 @@ class ReadArrow(ShardedSource, Stage[dict]):
         doc.update(text=texts[row], source=path, shard=shard, record=row)
         return doc
 
+    def read_rows(self, budget: int) -> TextRows | None:
+        """The next rows as one ``TextRows``, their texts as Arrow arrays (no string or dict a row), until
+        their bytes add up to ``budget`` or the stream ends; None (nothing read) where the next row must go
+        through ``read``: a null text, invalid UTF-8, a unit continued at a seam, a position the state
+        gave that is not a row, the stream's end. The position moves past the rows given."""
+        pieces, began = [], time.perf_counter()
+        while budget > 0 and self._index < len(self._assigned):
+            unit, start, *windowed = self._assigned[self._index]
+            if self._position is None and windowed:  # next() marks a piece continued at a seam
+                break
+            file, shard = self.files[self.units[unit][0]], self.units[unit][1]
+            texts = self._texts(file, shard)
+            row = (start or 0) if self._position is None else self._position
+            if texts is None or not (isinstance(row, int) and 0 <= row <= len(texts)):
+                break
+            if row == len(texts):
+                self._next_unit()
+                continue
+            ends = offsets(texts)
+            end = max(row + 1, int(np.searchsorted(ends, int(ends[row]) + budget, side="left")))
+            piece = texts.slice(row, min(end, len(texts)) - row)
+            if piece.null_count:
+                break
+            try:
+                piece.validate(full=True)  # Arrow does not check UTF-8 on read: read() finds the row
+            except pa.ArrowInvalid:
+                break
+            pieces.append((file.path, shard, row, piece))
+            budget -= text_bytes(piece)
+            self._position = row + len(piece)
+        rows = TextRows(pieces) if pieces else None
+        if rows:  # counted as next_many counts its items
+            self.stats["documents"] += len(rows)
+            self.stats["items"] += len(rows)
+        self.stats["seconds"] += time.perf_counter() - began
+        return rows
+
     def close_unit(self) -> None:
-        self._rows = None
+        self._rows = self._batch = self._text_array = None
+
+    def _texts(self, file: _ArrowFile, index: int) -> pa.Array | None:
+        """The unit's text column as one string or large_string array (None for another type)."""
+        if self._batch is None:
+            self._load(file, index)
+        if self._text_array is None:
+            texts = self._batch.column(self.column)
+            self._text_array = texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts  # Parquet
+        texts = self._text_array
+        return texts if pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type) else None
 
     def _load(self, file: _ArrowFile, index: int) -> None:
         try:
-            batch = file.read_unit(index)
+            self._batch = file.read_unit(index)
         except (pa.ArrowException, OSError) as e:
             raise self.error(f"cannot read this shard ({e})", file.path, f"shard {index}") from None
+
+    def _as_lists(self, file: _ArrowFile, index: int) -> None:
+        """The unit's texts and carried columns as Python lists (``_rows``), for ``read``."""
+        if self._batch is None:
+            self._load(file, index)
+        batch = self._batch
         names = self.carried.names(batch.schema.names, self.column)
         try:
             self._rows = batch.column(self.column).to_pylist(), {n: batch.column(n).to_pylist() for n in names}

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from stages.text_rows import TextRows
+
 _NO_START = np.zeros(0, dtype=np.int64)
 _STARTS = (np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.int64))  # shared by items, so read-only
 for _starts in (_NO_START, *_STARTS):
@@ -167,7 +169,7 @@ class Separators:
     def _finish(self, docs, joined, lengths, begins, separated, stats: Counter, rows: bool) -> dict[str, Any]:
         """``block``'s item from the documents' ids with their separators (``lengths`` each)."""
         starts = (np.cumsum(lengths) - lengths + separated)[begins]  # after each document's separator
-        if any("mix" in doc for doc in docs):  # drawn by a mix stage: tokens per input, for metrics
+        if not isinstance(docs, TextRows) and any("mix" in doc for doc in docs):  # drawn by a mix: tokens per input
             for doc, n in zip(docs, lengths.tolist()):
                 if "mix" in doc:
                     stats[f"tokens_from_{doc['mix']}"] += n
@@ -177,4 +179,5 @@ class Separators:
             return {"ids": joined, "starts": starts}
         offsets = np.zeros(len(docs) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        return {"ids": joined, "starts": starts, "rows": offsets, "sources": [doc.get("source") for doc in docs]}
+        sources = docs.sources() if isinstance(docs, TextRows) else [doc.get("source") for doc in docs]
+        return {"ids": joined, "starts": starts, "rows": offsets, "sources": sources}

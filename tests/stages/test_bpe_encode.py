@@ -12,6 +12,8 @@ import re
 import socket
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
 import pytest
 import tiktoken.load
 from hypothesis import HealthCheck, given, settings
@@ -595,6 +597,47 @@ def test_blocks_over_a_reader_hold_the_per_document_stream_and_resume_exactly(tm
     reference = check_resume(lambda: BpeEncode(ReadArrow(str(tmp_path)), batch_bytes=300, backend=backend,
                                                blocks=True))
     assert len(reference) > 3
+
+
+@pytest.mark.parametrize("fmt", ["file", "stream", "parquet", "large_string"])
+def test_blocks_over_arrow_take_its_text_arrays_without_a_dict_or_string_a_row(tmp_path, backend, fmt, monkeypatch):
+    """read_arrow hands a block's rows over as Arrow arrays (``read_rows``); gigatoken encodes them from
+    Arrow's buffers: the same stream as per document, and a state saved between blocks resumes there."""
+    write_arrow_corpus(tmp_path, fmt="file" if fmt == "large_string" else fmt)
+    if fmt == "large_string":
+        for path in tmp_path.glob("*.arrow"):
+            table = ipc.open_file(pa.memory_map(str(path))).read_all()
+            column = table.schema.get_field_index("text")
+            table = table.set_column(column, "text", table["text"].cast(pa.large_string()))
+            with ipc.new_file(str(path), table.schema) as writer:
+                writer.write_table(table)
+    texts = [d["text"] for d in ReadArrow(str(tmp_path))]
+    per_document = list(Loader(BpeEncode(ReadArrow(str(tmp_path)), batch_bytes=300, backend=backend)))
+    for name in ("_document", "_as_lists"):  # no document dict, no list of a unit's strings
+        monkeypatch.setattr(ReadArrow, name, lambda *a: pytest.fail(f"ReadArrow.{name} was called"))
+    node = BpeEncode(ReadArrow(str(tmp_path)), batch_bytes=300, backend=backend, blocks=True)
+    blocks = list(Loader(node))
+    assert len(blocks) > 5 and flat(blocks) == flat(per_document) == book_stream(texts, ENC.encode_ordinary)
+    assert starts_of(blocks) == starts_of(per_document)
+    assert node.source.stats["items"] == node.source.stats["documents"] == len(texts)
+    make = lambda: BpeEncode(ReadArrow(str(tmp_path)), batch_bytes=300, backend=backend, blocks=True)  # noqa: E731
+    assert len(check_resume(make)) > 5
+
+
+def test_arrow_rows_with_special_text_or_long_runs_are_encoded_as_per_document(tmp_path, backend):
+    """A block of Arrow rows where a text holds ``<|endoftext|>`` or a whitespace run longer than
+    ``MAX_RUN`` goes through the strings path (those texts are encoded by tiktoken, alone)."""
+    texts = random_texts(60, seed=15)
+    texts[3] = "before " + EOT_TEXT + " after"
+    texts[40] = "run" + " " * (MAX_RUN + 5) + "end"
+    path = tmp_path / "t.arrow"
+    with ipc.new_file(str(path), pa.schema([("text", pa.string())])) as writer:
+        for i in range(0, len(texts), 20):
+            writer.write_batch(pa.record_batch({"text": texts[i : i + 20]}))
+    per_document = list(Loader(BpeEncode(ReadArrow(str(path)), batch_bytes=300, backend=backend)))
+    blocks = list(Loader(BpeEncode(ReadArrow(str(path)), batch_bytes=300, backend=backend, blocks=True)))
+    assert flat(blocks) == flat(per_document) == book_stream(texts, ENC.encode_ordinary)
+    assert starts_of(blocks) == starts_of(per_document)
 
 
 def test_blocks_resume_exactly():

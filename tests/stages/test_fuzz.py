@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import tracemalloc
 from datetime import timedelta
+from unittest import mock
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +25,7 @@ from torchdata.nodes import IterableWrapper, Loader
 
 from pipeline import StageError
 from stages import BpeEncode, ReadArrow, ReadText
+from stages import bpe_encode
 from stages.encoding import load_encoding
 
 ENC = load_encoding("gpt2")
@@ -218,9 +220,11 @@ def test_read_arrow_with_nulls_and_hostile_strings(tmp_path, batches, on_null):
     ]
     assert node.stats["null documents skipped"] == len(nulls)
 
-    encode = BpeEncode(ReadArrow(str(path), on_null=on_null), batch_bytes=32)
-    ids = [int(i) for item in Loader(encode) for i in item["ids"]]
-    assert ids == joined([ENC.encode_ordinary(t) for _, _, t in values if t is not None])
+    expected = joined([ENC.encode_ordinary(t) for _, _, t in values if t is not None])
+    for blocks in (False, True):  # blocks: rows handed over as Arrow arrays (read_rows), after a one-byte first call
+        with mock.patch.object(bpe_encode, "FIRST_CALL_BYTES", 1):
+            encode = BpeEncode(ReadArrow(str(path), on_null=on_null), batch_bytes=32, blocks=blocks)
+            assert [int(i) for item in Loader(encode) for i in item["ids"]] == expected
 
 
 # --- bpe_encode ----------------------------------------------------------------------------------------
@@ -268,10 +272,11 @@ def test_read_arrow_invalid_utf8_in_a_string_column_is_a_stage_error(tmp_path):
     path = tmp_path / "invalid.arrow"
     with ipc.new_file(str(path), batch.schema) as writer:
         writer.write_batch(batch)
-    with pytest.raises(
-        StageError, match=rf"stage 'read_arrow', file {path}, shard 0, row 1: invalid UTF-8 in column `text`"
-    ):
-        list(Loader(ReadArrow(str(path))))
+    for node in (ReadArrow(str(path)), BpeEncode(ReadArrow(str(path)), blocks=True)):  # rows, or Arrow arrays
+        with pytest.raises(
+            StageError, match=rf"stage 'read_arrow', file {path}, shard 0, row 1: invalid UTF-8 in column `text`"
+        ):
+            list(Loader(node))
 
 
 # --- one long word ---------------------------------------------------------------------------------------
