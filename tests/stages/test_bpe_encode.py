@@ -433,6 +433,28 @@ def test_gigatoken_is_built_anew_every_refresh_bytes():
     assert size // 1000 < len(builds) <= 2 * (size // 500 + 2)  # per thread, one per ~500 characters
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="no /proc: resident memory is not read")
+def test_resident_bytes_is_the_anonymous_rss_the_kernel_reports_and_follows_a_fork():
+    def rss_anon() -> int:  # the kernel's own figure, in kB
+        line = next(line for line in open("/proc/self/status") if line.startswith("RssAnon:"))
+        return int(line.split()[1]) * 1024
+
+    before = fast_bpe.resident_bytes()
+    assert abs(before - rss_anon()) < 4 << 20
+    block = np.ones(64 << 20, dtype=np.uint8)  # 64 MiB of anonymous memory, touched
+    assert fast_bpe.resident_bytes() - before > 60 << 20
+    del block
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child opens its own statm, not the parent's descriptor
+        value = fast_bpe.resident_bytes()
+        os.write(writer, f"{value} {fast_bpe._STATM[0] == os.getpid()}".encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    value, reopened = os.read(reader, 100).decode().split()
+    assert int(value) > 0 and reopened == "True"
+
+
 class FakeRss:
     """``resident_bytes`` for a test: grows by ``per_read`` bytes at every read (half a call's growth, as a call
     reads it before and after)."""
