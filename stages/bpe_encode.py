@@ -73,7 +73,8 @@ class BpeEncode(Stage[dict]):
         allowed_special: special tokens to honour when their text appears in a document (``all``, one
             name, or a list); by default such text is encoded as plain text, safe for web text.
         num_threads: encode threads (both backends release the GIL while they encode).
-        batch_bytes: text encoded per call.
+        batch_bytes: text encoded per call (4 MiB; 1 MiB gave 41-44 M tokens/s against 50-59 on 1 GB of Arrow
+            documents to batches, as each call costs the GIL-holding glue around it).
         backend: ``auto`` (gigatoken when it is installed and implements the encoding, else tiktoken
             with a notice), ``tiktoken`` or ``gigatoken``.
         cache_memory: memory (bytes of RSS) a gigatoken tokenizer's calls may add before a new one
@@ -97,7 +98,7 @@ class BpeEncode(Stage[dict]):
         eot: bool = True,
         allowed_special: str | list[str] = (),
         num_threads: Positive = 2,
-        batch_bytes: Positive = 1 << 20,
+        batch_bytes: Positive = 1 << 22,
         backend: str = "auto",
         refresh_bytes: int | None = None,
         cache_memory: Positive = 1 << 27,
