@@ -95,8 +95,6 @@ def resident_bytes() -> int | None:
 
 
 _PROC = resident_bytes() is not None
-_LAST_RSS: list = [None]  # resident_bytes() at the end of the process's last encode call
-os.register_at_fork(after_in_child=lambda: _LAST_RSS.__setitem__(0, None))
 
 
 class FastBpe:
@@ -108,8 +106,8 @@ class FastBpe:
     stage with the same ranks (a validation loader, each ``create_dataloader_v1``) reuses them. Its
     pre-token cache grows with every new word and never forgets one (450 MB of never-repeating words took
     RSS to 3.6 GB), so a tokenizer is dropped, not given back, once the anonymous resident memory (RSS) the
-    process gained up to the ends of its calls adds up to ``cache_memory`` bytes (each call counts the growth
-    since the end of the call before it, on any thread: it errs towards dropping early). On ordinary text,
+    process gained during its calls adds up to ``cache_memory`` bytes (growth on other threads meanwhile
+    counts too: it errs towards dropping early). On ordinary text,
     whose words come back, the cache stops growing and the tokenizer keeps its warm cache: a rebuild and its
     cold cache cost ~0.2 s of CPU, and rebuilding every 32 MiB of text took a third of a 1 GB run's CPU.
     Where RSS cannot be read (no ``/proc``), a tokenizer is dropped after ``cache_memory /
@@ -136,13 +134,13 @@ class FastBpe:
                 _trim_heap()
             lent = [self._new(), 0, here, 0]  # [tokenizer, characters, thread, RSS its calls added]
         lent[2] = here
+        before = resident_bytes()
         yield lent[0]
+        after = resident_bytes()
         lent[1] += nbytes
-        now = resident_bytes()
+        if before is not None and after is not None:  # counts the other threads' growth too: errs on the safe side
+            lent[3] += max(after - before, 0)
         with _IDLE_LOCK:
-            if now is not None and _LAST_RSS[0] is not None:  # growth since the last call's end, on any thread
-                lent[3] += max(now - _LAST_RSS[0], 0)
-            _LAST_RSS[0] = now
             if self._keeps(lent[1], lent[3]):
                 _IDLE.setdefault(self.key, []).append(lent)
             else:  # dropped with its cache
