@@ -12,7 +12,7 @@ class TextRows(Sequence):
     """Rows of record batches read in one go (``ReadArrow.read_rows``): each piece is a run of one shard
     unit's rows, its texts an Arrow string array (no nulls, valid UTF-8).
 
-    An encoder reads ``arrays`` and ``nbytes``; as a sequence it gives each row as a document dict
+    An encoder reads ``arrays``; as a sequence it gives each row as a document dict
     (``text``, ``source``, ``shard``, ``record``), made when asked, for the rare reader of one (the
     stream's first document, an error message).
     """
@@ -33,11 +33,6 @@ class TextRows(Sequence):
         source, shard, first, texts = self.pieces[k]
         row = i - int(self._starts[k])
         return {"text": texts[row].as_py(), "source": source, "shard": shard, "record": first + row}
-
-    @property
-    def nbytes(self) -> int:
-        """UTF-8 bytes of all the texts."""
-        return sum(text_bytes(texts) for texts in self.arrays)
 
     def sources(self) -> list[str]:
         """Each row's ``source``."""
