@@ -263,7 +263,7 @@ class BpeEncode(Stage[dict]):
         # awkward's import (~0.2 s) would delay; in DataLoader workers too (2 workers, 1 GB: 33-36 -> 36-42 M tokens/s)
         batch = not first
         rows = isinstance(docs, TextRows)
-        heads = self.blocks and self.eot and (rows or whole(docs))  # the threads put the separators in
+        heads = self.blocks and self.eot and whole(docs)  # the threads put the separators in
         if not docs:
             futures = []
         elif rows and batch and self._fast is not None:

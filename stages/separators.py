@@ -84,7 +84,7 @@ def mix_tokens(stats: Counter) -> dict[str, float]:
 
 def whole(docs: list[dict]) -> bool:
     """Whether the documents are whole ones (records), not pieces of files: each starts a document."""
-    return not any("offset" in doc or "windowed" in doc for doc in docs)
+    return isinstance(docs, TextRows) or not any("offset" in doc or "windowed" in doc for doc in docs)
 
 
 class Separators:

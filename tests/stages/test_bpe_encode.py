@@ -641,6 +641,8 @@ def test_blocks_over_arrow_take_its_text_arrays_without_a_dict_or_string_a_row(t
     assert len(blocks) > 5 and flat(blocks) == flat(per_document) == book_stream(texts, ENC.encode_ordinary)
     assert starts_of(blocks) == starts_of(per_document)
     assert node.source.stats["items"] == node.source.stats["documents"] == len(texts)
+    plain = list(Loader(BpeEncode(ReadArrow(str(tmp_path)), batch_bytes=300, backend=backend, blocks=True, eot=False)))
+    assert flat(plain) == book_stream(texts, ENC.encode_ordinary, eot=False)  # no separators, still no dict a row
     make = lambda: BpeEncode(ReadArrow(str(tmp_path)), batch_bytes=300, backend=backend, blocks=True)  # noqa: E731
     assert len(check_resume(make)) > 5
 
