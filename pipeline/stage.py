@@ -156,6 +156,12 @@ class Stage(BaseNode[T]):
             pass
         return items
 
+    def read_rows(self, budget: int) -> Any | None:
+        """The next documents, about ``budget`` bytes of text, as Arrow text arrays (``stages.text_rows.TextRows``)
+        for an encoder that takes them so (no dict a document), or None (nothing read): a stage that cannot give
+        them so, or not at this point; the encoder then reads with ``next_many``. ``read_arrow`` can."""
+        return None
+
     def tokens_in(self, item: T) -> int:
         """Tokens in ``item``, an item this stage gives, added to ``stats["tokens"]`` (declared by the stages
         whose items hold tokens and that do not count them as they make them)."""

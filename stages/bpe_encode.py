@@ -243,8 +243,7 @@ class BpeEncode(Stage[dict]):
         try:
             if self.blocks and isinstance(self.source, Stage):  # a block's state is the one before its first document
                 states.append(self.source.state_dict())
-                rows = self.source.read_rows(goal) if hasattr(self.source, "read_rows") else None  # read_arrow's
-                docs = rows or self.source.next_many(goal, lambda doc: len(document_text(self, doc)))
+                docs = self.source.read_rows(goal) or self.source.next_many(goal, self._text_size)  # rows: read_arrow
             else:  # one at a time, with the state before each (a block: before the first)
                 while size < goal:
                     if not self.blocks or not states:
@@ -253,7 +252,7 @@ class BpeEncode(Stage[dict]):
                         doc = next(self.source)
                     except StopIteration:
                         break
-                    size += len(document_text(self, doc))
+                    size += self._text_size(doc)
                     docs.append(doc)
         except Exception as e:  # noqa: BLE001 - raised from the call's place in the stream
             self._calls.append(_Call(states[:1], [], [], e))
@@ -271,6 +270,9 @@ class BpeEncode(Stage[dict]):
         else:
             futures = self._submit(docs.texts() if rows else [d["text"] for d in docs], batch, heads)
         self._calls.append(_Call(states, docs, futures, heads=heads))
+
+    def _text_size(self, doc: dict) -> int:
+        return len(document_text(self, doc))
 
     def _submit_arrays(self, rows: TextRows, heads: bool) -> list[Future]:
         """``_submit`` for rows whose texts are Arrow arrays: gigatoken encodes them from Arrow's buffers, in

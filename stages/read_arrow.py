@@ -236,7 +236,7 @@ class ReadArrow(ShardedSource, Stage[dict]):
         """The next rows as one ``TextRows``, their texts as Arrow arrays (no string or dict a row), until
         their bytes add up to ``budget`` or the stream ends; None (nothing read) where the next row must go
         through ``read``: a null text, invalid UTF-8, a unit continued at a seam, a position the state
-        gave that is not a row, the stream's end. The position moves past the rows given."""
+        gave that is not a row, the stream's end. The position moves past the rows given (``Stage.read_rows``)."""
         pieces, began = [], time.perf_counter()
         while budget > 0 and self._index < len(self._assigned):
             unit, start, *windowed = self._assigned[self._index]
