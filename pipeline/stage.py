@@ -158,8 +158,20 @@ class Stage(BaseNode[T]):
 
     def read_rows(self, budget: int) -> Any | None:
         """The next documents, about ``budget`` bytes of text, as Arrow text arrays (``stages.text_rows.TextRows``)
-        for an encoder that takes them so (no dict a document), or None (nothing read): a stage that cannot give
-        them so, or not at this point; the encoder then reads with ``next_many``. ``read_arrow`` can."""
+        for an encoder that takes them so (no dict a document), counted as ``next_many`` counts its items; or None
+        (nothing read): a stage that cannot give them so, or not at this point, and the encoder then reads with
+        ``next_many``. A stage that can (``read_arrow``) overrides the hook ``_read_rows``."""
+        start = time.perf_counter()
+        try:
+            rows = self._read_rows(budget)
+        finally:
+            self.stats["seconds"] += time.perf_counter() - start
+        if rows:
+            self.stats["items"] += len(rows)
+        return rows
+
+    def _read_rows(self, budget: int) -> Any | None:
+        """``read_rows``'s documents, or None."""
         return None
 
     def tokens_in(self, item: T) -> int:

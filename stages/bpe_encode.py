@@ -277,15 +277,14 @@ class BpeEncode(Stage[dict]):
     def _submit_arrays(self, rows: TextRows, heads: bool) -> list[Future]:
         """``_submit`` for rows whose texts are Arrow arrays: gigatoken encodes them from Arrow's buffers, in
         groups of about ``batch_bytes``; where a text needs a group of its own, as ``_submit`` does."""
+        groups = []
         for texts in rows.arrays:
-            long = np.diff(offsets(texts)) > MAX_RUN  # in bytes, at least as many as characters
+            ends = offsets(texts)
+            long = np.diff(ends) > MAX_RUN  # in bytes, at least as many as characters
             data = text_data(texts) if self._exact else b""
             special = any(s.encode() in data for s in self._exact)
             if special or (long.any() and any(map(has_long_run, texts.filter(pa.array(long)).to_pylist()))):
                 return self._submit(rows.texts(), True, heads)
-        groups = []
-        for texts in rows.arrays:
-            ends = offsets(texts)
             bounds = _group_bounds(ends[:-1] - ends[0], self.batch_bytes)
             groups += [texts.slice(a, b - a) for a, b in zip(bounds, bounds[1:])]
         return [self._encode_pool().submit(self._encode_group, group, True, heads) for group in groups]

@@ -77,8 +77,6 @@ def _trim_heap() -> None:
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 CACHE_BYTES_PER_CHARACTER = 16  # gigatoken's cache on never-repeating words: 26 M characters took ~500 MB
-
-
 _STATM: list = [None, None]  # [pid, file descriptor of /proc/self/statm]: kept open (an open() costs ~10 us)
 
 
@@ -107,9 +105,9 @@ class FastBpe:
     pre-token cache grows with every new word and never forgets one (450 MB of never-repeating words took
     RSS to 3.6 GB), so a tokenizer is dropped, not given back, once the anonymous resident memory (RSS) the
     process gained during its calls adds up to ``cache_memory`` bytes (growth on other threads meanwhile
-    counts too: it errs towards dropping early). On ordinary text,
-    whose words come back, the cache stops growing and the tokenizer keeps its warm cache: a rebuild and its
-    cold cache cost ~0.2 s of CPU, and rebuilding every 32 MiB of text took a third of a 1 GB run's CPU.
+    counts too: it errs towards dropping early). On ordinary text, whose words come back, the cache stops
+    growing and the tokenizer keeps its warm cache: a rebuild and its cold cache cost ~0.2 s of CPU, and
+    rebuilding every 32 MiB of text took a third of a 1 GB run's CPU.
     Where RSS cannot be read (no ``/proc``), a tokenizer is dropped after ``cache_memory /
     CACHE_BYTES_PER_CHARACTER`` characters; ``refresh_bytes``, when given, drops it after that many characters
     too. A forked DataLoader worker starts with an empty pool. Subclasses say how to build one (``_new``),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -232,12 +231,12 @@ class ReadArrow(ShardedSource, Stage[dict]):
         doc.update(text=texts[row], source=path, shard=shard, record=row)
         return doc
 
-    def read_rows(self, budget: int) -> TextRows | None:
+    def _read_rows(self, budget: int) -> TextRows | None:
         """The next rows as one ``TextRows``, their texts as Arrow arrays (no string or dict a row), until
         their bytes add up to ``budget`` or the stream ends; None (nothing read) where the next row must go
         through ``read``: a null text, invalid UTF-8, a unit continued at a seam, a position the state
         gave that is not a row, the stream's end. The position moves past the rows given (``Stage.read_rows``)."""
-        pieces, began = [], time.perf_counter()
+        pieces = []
         while budget > 0 and self._index < len(self._assigned):
             unit, start, *windowed = self._assigned[self._index]
             if self._position is None and windowed:  # next() marks a piece continued at a seam
@@ -263,10 +262,7 @@ class ReadArrow(ShardedSource, Stage[dict]):
             budget -= text_bytes(piece)
             self._position = row + len(piece)
         rows = TextRows(pieces) if pieces else None
-        if rows:  # counted as next_many counts its items
-            self.stats["documents"] += len(rows)
-            self.stats["items"] += len(rows)
-        self.stats["seconds"] += time.perf_counter() - began
+        self.stats["documents"] += len(rows) if rows else 0
         return rows
 
     def close_unit(self) -> None:
